@@ -169,3 +169,14 @@ def load_folder(folder: str | Path, **pipeline_kw: object) -> VARPipeline:
     var_path = _find(folder, ["var.safetensors", "var.pth", "var_d*.safetensors", "var_d*.pth"])
     vae_path = _find(folder, ["vae.safetensors", "vae.pth", "vae_*.safetensors", "vae_*.pth"])
     return load_pipeline(config, var_path, vae_path, **pipeline_kw)
+
+
+def open_pipeline(checkpoint: str | Path | None, preset: str | None, random_init: bool, **pipeline_kw: object) -> VARPipeline:
+    """A checkpoint folder, or a preset with random weights (`random_init`, for shape-only runs)."""
+    if checkpoint is not None:
+        if random_init:
+            raise ValueError("give either a checkpoint folder or --random-init, not both")
+        return load_folder(checkpoint, **pipeline_kw)
+    if preset is None or not random_init:
+        raise ValueError("give a checkpoint folder, or a preset together with --random-init")
+    return random_pipeline(get_preset(preset), **pipeline_kw)
