@@ -50,7 +50,11 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rel_to_
         return CheckResult(name, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
     tol = max(atol, rel_to_max * float(want.abs().max()))
     diff = float((got - want).abs().max())
-    return CheckResult(name, diff <= tol, f"max |diff| {diff:.3g} <= {tol:.3g}" if diff <= tol else f"max |diff| {diff:.3g} > {tol:.3g}")
+    return CheckResult(
+        name,
+        diff <= tol,
+        f"max |diff| {diff:.3g} <= {tol:.3g}" if diff <= tol else f"max |diff| {diff:.3g} > {tol:.3g}",
+    )
 
 
 def logits_close(name: str, got: torch.Tensor, want: torch.Tensor) -> CheckResult:
@@ -62,9 +66,13 @@ def _params(args: Ref) -> SamplingParams:
 
 
 def check_greedy(pipe: VARPipeline, ref: Ref) -> Iterator[CheckResult]:
-    args, logits = ref["greedy_args"], {}
+    args = ref["greedy_args"]
+    logits: dict[int, torch.Tensor] = {}
     gen = pipe.generate(
-        ref["labels"], _params(args), shared_seed=args["g_seed"], on_guided_logits=lambda si, x: logits.__setitem__(si, x)
+        ref["labels"],
+        _params(args),
+        shared_seed=args["g_seed"],
+        on_guided_logits=lambda si, x: logits.__setitem__(si, x),
     )
     yield exact("greedy tokens", gen.tokens, ref["greedy_idx"])
     for si, want in enumerate(ref["greedy_cfg_logits_scales0to2"]):
@@ -94,7 +102,9 @@ def check_teacher_forced(pipe: VARPipeline, ref: Ref) -> Iterator[CheckResult]:
     x_in = pipe.vqvae.quantize.idxBl_to_var_input([t.to(dev) for t in ref["tf_gt_idx"]])
     yield close("teacher-forcing input", x_in, ref["tf_x_BLCv_wo_first_l"], 1e-4)
     logits = pipe.var(ref["tf_labels"].to(dev), ref["tf_x_BLCv_wo_first_l"].to(dev)).float().cpu()
-    yield logits_close("tf logits scales 0-3", logits[:, : ref["tf_logits_scales0to3"].shape[1]], ref["tf_logits_scales0to3"])
+    yield logits_close(
+        "tf logits scales 0-3", logits[:, : ref["tf_logits_scales0to3"].shape[1]], ref["tf_logits_scales0to3"]
+    )
     yield logits_close("tf logits rows", logits[:, ref["tf_rows_pos"]], ref["tf_logits_rows"])
     yield logits_close("tf logits columns", logits[..., ref["tf_cols_vocab"]], ref["tf_logits_cols"])
     yield exact("tf argmax", logits.argmax(-1), ref["tf_argmax"])
@@ -142,7 +152,9 @@ def run_conformance(folder: Path, groups: list[str], device: str = "cpu") -> lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m app.conformance", description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
-    ap.add_argument("--checks", default=",".join(CHECK_GROUPS), help=f"comma-separated subset of {','.join(CHECK_GROUPS)}")
+    ap.add_argument(
+        "--checks", default=",".join(CHECK_GROUPS), help=f"comma-separated subset of {','.join(CHECK_GROUPS)}"
+    )
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     groups = [g for g in a.checks.split(",") if g]

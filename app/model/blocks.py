@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.model.kv_cache import LayerKVCache, ScaleStep
+from app.model.row_stable import Linear, row_stable_linear
 
 
-class QKVLinear(nn.Linear):
+class QKVLinear(Linear):
     """The fused q|k|v projection; weight only, the (q_bias, 0, v_bias) bias is given per call."""
 
     def __init__(self, embed_dim: int):
         super().__init__(embed_dim, 3 * embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
+        return row_stable_linear(x, self.weight, bias)
 
 
 class DenseAttention(nn.Module):
@@ -43,6 +44,8 @@ class DenseAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    zero_k_bias: torch.Tensor
+
     def __init__(self, embed_dim: int, num_heads: int, attn_l2_norm: bool):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
@@ -50,19 +53,20 @@ class SelfAttention(nn.Module):
         if attn_l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()  # float32 ln 100, as the official cap
+            # the official cap is ln 100 computed in float32
+            self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.mat_qkv = QKVLinear(embed_dim)
         self.q_bias = nn.Parameter(torch.zeros(embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = Linear(embed_dim, embed_dim)
         self.kernel: nn.Module = DenseAttention()
 
     def qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, heads, L, head_dim); q and k L2-normalised and q scaled when attn_l2_norm."""
-        B, L, C = x_BLC.shape
+        B, L, _ = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = self.mat_qkv(x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -92,15 +96,15 @@ class SelfAttention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SharedAdaLin(nn.Linear):
+class SharedAdaLin(Linear):
     """One AdaLN projection for all blocks (`shared_aln=True`), output viewed as (B, 1, 6, C)."""
 
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -111,7 +115,9 @@ class SharedAdaLin(nn.Linear):
 class AdaLNSelfAttn(nn.Module):
     """x + gamma1 * Attn(LN(x)(1+scale1)+shift1), then the same with the FFN; modulation from the class."""
 
-    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, shared_aln: bool, attn_l2_norm: bool):
+    def __init__(
+        self, embed_dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, shared_aln: bool, attn_l2_norm: bool
+    ):
         super().__init__()
         self.C = embed_dim
         self.attn = SelfAttention(embed_dim, num_heads, attn_l2_norm)
@@ -121,7 +127,7 @@ class AdaLNSelfAttn(nn.Module):
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 6 * embed_dim))
+            self.ada_lin = nn.Sequential(nn.SiLU(), Linear(embed_dim, 6 * embed_dim))
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, 1, 6, C): gamma1, gamma2, scale1, scale2, shift1, shift2. `cond` is the shared AdaLN output
@@ -151,7 +157,7 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C = embed_dim
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(embed_dim, 2 * embed_dim))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """(B, 1, 2, C): scale, shift (always from the raw class embedding)."""

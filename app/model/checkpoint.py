@@ -124,20 +124,20 @@ def build_models(config: PipelineConfig, device: str | torch.device = "cpu") -> 
         return VAR(config.var), VQVAE(config.vqvae)
 
 
-def load_pipeline(config: PipelineConfig, var_path: str | Path, vae_path: str | Path, **pipeline_kw: object) -> VARPipeline:
+def load_pipeline(config: PipelineConfig, var_path: str | Path, vae_path: str | Path) -> VARPipeline:
     """Build the models without initialising them (meta device), then adopt the checkpoint tensors."""
     var, vqvae = build_models(config, "meta")
     _load_into(var, read_state_dict(var_path), part="VAR", preset=config.name)
     _load_into(vqvae, read_state_dict(vae_path), part="VQVAE", preset=config.name)
-    return VARPipeline(config, var, vqvae, **pipeline_kw)  # type: ignore[arg-type]
+    return VARPipeline(config, var, vqvae)
 
 
-def random_pipeline(config: PipelineConfig, seed: int = 0, **pipeline_kw: object) -> VARPipeline:
+def random_pipeline(config: PipelineConfig, seed: int = 0) -> VARPipeline:
     """Random weights (official VAR initialisation), for shape-only runs and benchmarks."""
     torch.manual_seed(seed)
     var, vqvae = build_models(config)
     init_weights(var)
-    return VARPipeline(config, var, vqvae, **pipeline_kw)  # type: ignore[arg-type]
+    return VARPipeline(config, var, vqvae)
 
 
 def _find(folder: Path, patterns: list[str]) -> Path:
@@ -163,20 +163,20 @@ def folder_config(folder: str | Path) -> PipelineConfig:
     return get_preset(f"d{m.group(1)}")
 
 
-def load_folder(folder: str | Path, **pipeline_kw: object) -> VARPipeline:
+def load_folder(folder: str | Path) -> VARPipeline:
     folder = Path(folder)
     config = folder_config(folder)
     var_path = _find(folder, ["var.safetensors", "var.pth", "var_d*.safetensors", "var_d*.pth"])
     vae_path = _find(folder, ["vae.safetensors", "vae.pth", "vae_*.safetensors", "vae_*.pth"])
-    return load_pipeline(config, var_path, vae_path, **pipeline_kw)
+    return load_pipeline(config, var_path, vae_path)
 
 
-def open_pipeline(checkpoint: str | Path | None, preset: str | None, random_init: bool, **pipeline_kw: object) -> VARPipeline:
+def open_pipeline(checkpoint: str | Path | None, preset: str | None, random_init: bool) -> VARPipeline:
     """A checkpoint folder, or a preset with random weights (`random_init`, for shape-only runs)."""
     if checkpoint is not None:
         if random_init:
             raise ValueError("give either a checkpoint folder or --random-init, not both")
-        return load_folder(checkpoint, **pipeline_kw)
+        return load_folder(checkpoint)
     if preset is None or not random_init:
         raise ValueError("give a checkpoint folder, or a preset together with --random-init")
-    return random_pipeline(get_preset(preset), **pipeline_kw)
+    return random_pipeline(get_preset(preset))

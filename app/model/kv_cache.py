@@ -73,10 +73,15 @@ class KVCache:
         prefix_len = seq_len - patch_nums[-1] ** 2
         shape = (rows, num_heads, prefix_len, head_dim)
         ws_shape = (rows, num_heads, seq_len, head_dim)
-        workspace = (torch.empty(ws_shape, device=device, dtype=dtype), torch.empty(ws_shape, device=device, dtype=dtype))
+        workspace = (
+            torch.empty(ws_shape, device=device, dtype=dtype),
+            torch.empty(ws_shape, device=device, dtype=dtype),
+        )
         self.layers = [
             LayerKVCache(
-                torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype), workspace
+                torch.empty(shape, device=device, dtype=dtype),
+                torch.empty(shape, device=device, dtype=dtype),
+                workspace,
             )
             for _ in range(num_layers)
         ]

@@ -25,8 +25,8 @@ from app.model.sampling import (
     SamplingParams,
     SharedGenerator,
     filter_top_k_top_p_,
-    gumbel_soft_codes,
     guide,
+    gumbel_soft_codes,
     sample_tokens,
 )
 from app.model.timing import NULL_TIMER, StageTimer
@@ -34,6 +34,7 @@ from app.model.var import VAR
 from app.model.vqvae import VQVAE
 
 LogitsObserver = Callable[[int, torch.Tensor], None]
+DEFAULT_SAMPLING = SamplingParams()
 
 
 @dataclass
@@ -80,7 +81,7 @@ class VARPipeline:
     def generate(
         self,
         labels: Sequence[int] | torch.Tensor,
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_SAMPLING,
         *,
         seeds: Sequence[int] | None = None,
         shared_seed: int | None = None,
@@ -106,7 +107,9 @@ class VARPipeline:
         tokens, f_hat = self._sample_tokens(labels_B, rows, noise, timer, on_guided_logits)
         with timer.section("decode"):
             images = self.decode(f_hat)
-        return Generation(images, tokens, f_hat, None if shared_seed is not None else list(seeds or []), dict(timer.seconds))
+        return Generation(
+            images, tokens, f_hat, None if shared_seed is not None else list(seeds or []), dict(timer.seconds)
+        )
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat -> images in [0, 1] (float32)."""

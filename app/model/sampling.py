@@ -99,7 +99,7 @@ def guide(logits_2BlV: torch.Tensor, cfg_B: Sequence[float], ratio: float) -> to
 def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
     """Set to -inf every logit outside the row's top-k (ties at the threshold kept), then outside its top-p
     nucleus (smallest set whose mass reaches top_p; the best token always survives). In place."""
-    B, l, V = logits_BlV.shape
+    B, l, _ = logits_BlV.shape
     k_max = int(top_k_B.max())
     if k_max > 0:
         top_vals = logits_BlV.topk(k_max, dim=-1, sorted=True).values

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from app.model.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from app.model.config import VARConfig
 from app.model.kv_cache import KVCache, ScaleStep
+from app.model.row_stable import Linear
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Conditioning:
 
 
 class VAR(nn.Module):
+    lvl_1L: torch.Tensor
+    attn_bias_for_masking: torch.Tensor
+
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.cfg = cfg
@@ -40,7 +45,7 @@ class VAR(nn.Module):
         d = lvl.view(1, L, 1)
         bias = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
         self.register_buffer("attn_bias_for_masking", bias.contiguous())
-        self.word_embed = nn.Linear(cfg.z_channels, C)
+        self.word_embed = Linear(cfg.z_channels, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class for guidance
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
         self.shared_ada_lin: nn.Module = (
@@ -51,14 +56,18 @@ class VAR(nn.Module):
             for _ in range(cfg.depth)
         )
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head = Linear(C, cfg.vocab_size)
+
+    @property
+    def block_list(self) -> list[AdaLNSelfAttn]:
+        return cast(list[AdaLNSelfAttn], list(self.blocks))
 
     # ---- conditioning and embeddings -------------------------------------------------------------
     def condition(self, labels: torch.Tensor) -> Conditioning:
         """Class labels (rows,) -> class embeddings and every AdaLN modulation."""
         cond_BD = self.class_emb(labels)
         shared = self.shared_ada_lin(cond_BD)
-        mods = [block.modulation(shared) for block in self.blocks]
+        mods = [block.modulation(shared) for block in self.block_list]
         return Conditioning(cond_BD, mods, self.head_nm.modulation(cond_BD))
 
     def level_pos(self) -> torch.Tensor:
@@ -81,7 +90,7 @@ class VAR(nn.Module):
 
     def step(self, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, step: ScaleStep) -> torch.Tensor:
         """One scale with the KV cache: input tokens (rows, l, C) -> logits (rows, l, V)."""
-        for block, mod, layer_cache in zip(self.blocks, cond.block_mods, cache.layers, strict=True):
+        for block, mod, layer_cache in zip(self.block_list, cond.block_mods, cache.layers, strict=True):
             x_BlC = block(x_BlC, mod, cache=layer_cache, step=step)
         return self.logits(x_BlC, cond)
 
@@ -101,7 +110,7 @@ class VAR(nn.Module):
         sos = cond.cond_BD.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
         x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + lvl_pos[:, :L]
         bias = self.attn_bias_for_masking[:, :, :L, :L].to(x.dtype)
-        for block, mod in zip(self.blocks, cond.block_mods, strict=True):
+        for block, mod in zip(self.block_list, cond.block_mods, strict=True):
             x = block(x, mod, attn_bias=bias)
         return self.logits(x, cond)
 
@@ -121,11 +130,11 @@ def init_weights(var: VAR, init_adaln: float = 0.5, init_adaln_gamma: float = 1e
     for p in (var.pos_start, var.pos_1LC):
         nn.init.trunc_normal_(p, std=std)
     var.head.weight.mul_(init_head)
-    var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-    for block in var.blocks:
+    cast(nn.Linear, var.head_nm.ada_lin[-1]).weight.mul_(init_adaln)
+    for block in var.block_list:
         block.attn.proj.weight.div_(math.sqrt(2 * depth))
         block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
         if not block.shared_aln:
-            w = block.ada_lin[-1].weight
+            w = cast(nn.Linear, block.ada_lin[-1]).weight
             w[2 * C :].mul_(init_adaln)
             w[: 2 * C].mul_(init_adaln_gamma)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.model.config import VQVAEConfig
+from app.model.row_stable import per_sample
 
 
 class Phi(nn.Conv2d):
@@ -22,7 +23,8 @@ class Phi(nn.Conv2d):
         self.resi_ratio = abs(resi_ratio)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return h_BChw.mul(1 - self.resi_ratio) + super().forward(h_BChw).mul_(self.resi_ratio)
+        conv = per_sample(lambda h: self._conv_forward(h, self.weight, self.bias), h_BChw)
+        return h_BChw.mul(1 - self.resi_ratio) + conv.mul_(self.resi_ratio)
 
 
 class PhiShared(nn.Module):
@@ -132,6 +134,7 @@ class VectorQuantizer(nn.Module):
     def add_scale(self, si: int, f_hat: torch.Tensor | None, h_BChw: torch.Tensor) -> torch.Tensor:
         """f_hat += phi_si(bicubic_up(h)) (no upsampling at the last scale); in place when f_hat is given."""
         H = self.patch_nums[-1]
+        h_BChw = h_BChw.contiguous()  # a channels-last view would take batch-dependent kernels
         if f_hat is None:
             f_hat = h_BChw.new_zeros(h_BChw.shape[0], self.Cvae, H, H, dtype=torch.float32)
         if si != len(self.patch_nums) - 1:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.model.config import VQVAEConfig
+from app.model.row_stable import per_sample
 from app.model.vector_quantizer import VectorQuantizer
 
 
@@ -124,7 +125,9 @@ class Encoder(nn.Module):
         block_in = cfg.ch
         for lvl in range(n):
             block_out = cfg.ch * mult[lvl]
-            blocks: list[nn.Module] = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(cfg.num_res_blocks)]
+            blocks: list[nn.Module] = [
+                ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(cfg.num_res_blocks)
+            ]
             block_in = block_out
             attn: list[nn.Module] = [AttnBlock(block_out) for _ in blocks] if lvl == n - 1 else []
             self.down.append(_DownLevel(blocks, attn, block_out, downsample=lvl != n - 1))
@@ -149,7 +152,9 @@ class Decoder(nn.Module):
         levels: list[nn.Module] = []
         for lvl in reversed(range(n)):
             block_out = cfg.ch * mult[lvl]
-            blocks: list[nn.Module] = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(cfg.num_res_blocks + 1)]
+            blocks: list[nn.Module] = [
+                ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(cfg.num_res_blocks + 1)
+            ]
             block_in = block_out
             attn: list[nn.Module] = [AttnBlock(block_out) for _ in blocks] if lvl == n - 1 else []
             levels.insert(0, _UpLevel(blocks, attn, block_out, upsample=lvl != 0))
@@ -186,7 +191,7 @@ class VQVAE(nn.Module):
 
     def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         """Decoded images clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp_(-1, 1)
+        return per_sample(lambda f: self.decoder(self.post_quant_conv(f)), f_hat_BChw).clamp_(-1, 1)
 
     def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor:
         return self.fhat_to_img(self.quantize.idxBl_to_fhat(ms_idx_Bl))
