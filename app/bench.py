@@ -1,0 +1,212 @@
+"""`python -m app.bench`: variants side by side from the same weights, in one process, one run.
+
+For each (variant, batch size): one warm-up call, then `--runs` timed calls; medians per stage
+(transformer per scale, sampling, latent update, VQVAE decode), images per second, peak RSS, and the
+speed-up over the first variant. `--official-src DIR` adds the official VAR code (a local checkout of
+FoundationVision/VAR, never part of this project) as a variant running on the very same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app import memory
+from app.compress import VARIANTS, apply_variant
+from app.model.checkpoint import load_folder, open_pipeline
+from app.model.config import PRESETS
+from app.model.pipeline import VARPipeline
+from app.model.sampling import SamplingParams
+from app.model.timing import StageTimer
+
+# One call generating a batch: (labels, seed) -> seconds per stage (empty when the runner cannot tell).
+Runner = Callable[[list[int], int], dict[str, float]]
+
+
+@dataclass
+class BenchRecord:
+    variant: str
+    preset: str
+    device: str
+    batch_size: int
+    runs: int
+    seconds_per_batch: float
+    seconds_per_batch_all: list[float]
+    images_per_second: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+    stages: dict[str, float]
+    speedup_vs_baseline: float | None = None
+    threads: int = 0
+    torch_version: str = torch.__version__
+
+
+def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
+    def run(labels: list[int], seed: int) -> dict[str, float]:
+        timer = StageTimer(pipe.device)
+        pipe.generate(labels, params, seeds=[seed + i for i in range(len(labels))], timer=timer)
+        stages = dict(timer.seconds)
+        stages["transformer"] = sum(v for k, v in stages.items() if k.startswith("transformer."))
+        return stages
+
+    return run
+
+
+def bench_labels(batch_size: int, num_classes: int) -> list[int]:
+    return [(207 + 97 * i) % num_classes for i in range(batch_size)]
+
+
+def measure(
+    runner: Runner, *, variant: str, preset: str, device: str, batch_size: int, runs: int, num_classes: int
+) -> BenchRecord:
+    labels = bench_labels(batch_size, num_classes)
+    runner(labels, 0)  # warm-up: allocator, kernels, page-in of weights
+    memory.reset_peak(device)
+    totals, stage_runs = [], []
+    for r in range(runs):
+        t0 = time.perf_counter()
+        stage_runs.append(runner(labels, 1000 * (r + 1)))
+        totals.append(time.perf_counter() - t0)
+    median = statistics.median(totals)
+    stages = {k: statistics.median(s.get(k, 0.0) for s in stage_runs) for k in stage_runs[0]}
+    return BenchRecord(
+        variant=variant,
+        preset=preset,
+        device=device,
+        batch_size=batch_size,
+        runs=runs,
+        seconds_per_batch=median,
+        seconds_per_batch_all=totals,
+        images_per_second=batch_size / median,
+        peak_rss_bytes=memory.peak_rss_bytes(),
+        peak_gpu_bytes=memory.peak_gpu_bytes(device),
+        stages=stages,
+        threads=torch.get_num_threads(),
+    )
+
+
+def add_speedups(records: list[BenchRecord], reference: str) -> None:
+    ref = {r.batch_size: r.seconds_per_batch for r in records if r.variant == reference}
+    for r in records:
+        if r.batch_size in ref:
+            r.speedup_vs_baseline = ref[r.batch_size] / r.seconds_per_batch
+
+
+def print_table(records: list[BenchRecord], reference: str) -> None:
+    print(
+        f"{'variant':<12} {'batch':>5} {'s/batch':>9} {'img/s':>7} {'speedup':>8} {'transf.':>8} "
+        f"{'sampling':>8} {'decode':>7} {'peak RSS':>9}"
+    )
+    for r in records:
+        sp = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline else "-"
+        st = r.stages
+        cols = [st.get(k) for k in ("transformer", "sampling", "decode")]
+        cells = " ".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cols)
+        print(
+            f"{r.variant:<12} {r.batch_size:>5} {r.seconds_per_batch:>9.3f} {r.images_per_second:>7.3f} {sp:>8} "
+            f"{cells} {r.peak_rss_bytes / 2**30:>7.2f}Gi"
+        )
+    print(f"(medians; speed-up relative to '{reference}' at the same batch size)")
+
+
+def measure_load_seconds(pipe: VARPipeline) -> float:
+    """Write the weights as released-format .pth files, then time loading them back (strict)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.json").write_text(json.dumps(pipe.config.to_dict()))
+        torch.save(pipe.var.state_dict(), folder / "var.pth")
+        torch.save(pipe.vqvae.state_dict(), folder / "vae.pth")
+        t0 = time.perf_counter()
+        load_folder(folder)
+        return time.perf_counter() - t0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default="d16", help="model shape (random weights)")
+    ap.add_argument("--checkpoint", type=Path, help="benchmark a checkpoint folder instead of random weights")
+    ap.add_argument("--variants", default="baseline", help=f"comma-separated, from {','.join(VARIANTS)}")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.96)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--official-src", type=Path, help="checkout of the official VAR code: adds variant 'official'")
+    ap.add_argument("--measure-load", action="store_true", help="also time loading the weights from local files")
+    ap.add_argument("--json", type=Path, help="write the records here")
+    a = ap.parse_args(argv)
+    a.variant_list = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in a.variant_list if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    if a.runs < 1:
+        ap.error("--runs must be >= 1")
+    a.batch_size_list = [int(b) for b in a.batch_sizes.split(",") if b]
+    return a
+
+
+def runners(a: argparse.Namespace, base: VARPipeline) -> list[tuple[str, Runner]]:
+    params = SamplingParams(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p)
+    out: list[tuple[str, Runner]] = []
+    for name in a.variant_list:
+        pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
+        out.append((name, pipeline_runner(pipe, params)))
+    if a.official_src is not None:
+        from app.official import official_runner
+
+        out.append(("official", official_runner(a.official_src, base, params)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    base = open_pipeline(a.checkpoint, None if a.checkpoint else a.preset, a.checkpoint is None).to(a.device)
+    preset = base.config.name
+    load_s = measure_load_seconds(base) if a.measure_load else None
+    records = []
+    for name, runner in runners(a, base):
+        for bs in a.batch_size_list:
+            rec = measure(
+                runner,
+                variant=name,
+                preset=preset,
+                device=a.device,
+                batch_size=bs,
+                runs=a.runs,
+                num_classes=base.num_classes,
+            )
+            records.append(rec)
+            print(
+                f"{name} batch {bs}: {rec.seconds_per_batch:.3f} s per batch (runs {rec.seconds_per_batch_all})",
+                file=sys.stderr,
+                flush=True,
+            )
+    reference = a.variant_list[0]
+    add_speedups(records, reference)
+    print_table(records, reference)
+    if load_s is not None:
+        print(f"load {preset} weights from local .pth files: {load_s:.2f} s")
+    if a.json:
+        out: list[dict[str, Any]] = [dict(asdict(r), load_seconds=load_s) for r in records]
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
