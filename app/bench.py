@@ -45,6 +45,7 @@ class BenchRecord:
     seconds_per_batch_all: list[float]
     images_per_second: float
     peak_rss_bytes: int
+    inference_rss_bytes: int  # peak RSS during the timed runs minus RSS before them (models excluded)
     peak_gpu_bytes: int | None
     stages: dict[str, float]
     speedup_vs_baseline: float | None = None
@@ -73,6 +74,7 @@ def measure(
     labels = bench_labels(batch_size, num_classes)
     runner(labels, 0)  # warm-up: allocator, kernels, page-in of weights
     memory.reset_peak(device)
+    rss_before = memory.rss_bytes()
     totals, stage_runs = [], []
     for r in range(runs):
         t0 = time.perf_counter()
@@ -90,6 +92,7 @@ def measure(
         seconds_per_batch_all=totals,
         images_per_second=batch_size / median,
         peak_rss_bytes=memory.peak_rss_bytes(),
+        inference_rss_bytes=memory.peak_rss_bytes() - rss_before,
         peak_gpu_bytes=memory.peak_gpu_bytes(device),
         stages=stages,
         threads=torch.get_num_threads(),
@@ -106,7 +109,7 @@ def add_speedups(records: list[BenchRecord], reference: str) -> None:
 def print_table(records: list[BenchRecord], reference: str) -> None:
     print(
         f"{'variant':<12} {'batch':>5} {'s/batch':>9} {'img/s':>7} {'speedup':>8} {'transf.':>8} "
-        f"{'sampling':>8} {'decode':>7} {'peak RSS':>9}"
+        f"{'sampling':>8} {'decode':>7} {'peak RSS':>9} {'+infer.':>8}"
     )
     for r in records:
         sp = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline else "-"
@@ -115,9 +118,12 @@ def print_table(records: list[BenchRecord], reference: str) -> None:
         cells = " ".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cols)
         print(
             f"{r.variant:<12} {r.batch_size:>5} {r.seconds_per_batch:>9.3f} {r.images_per_second:>7.3f} {sp:>8} "
-            f"{cells} {r.peak_rss_bytes / 2**30:>7.2f}Gi"
+            f"{cells} {r.peak_rss_bytes / 2**30:>7.2f}Gi {r.inference_rss_bytes / 2**30:>6.2f}Gi"
         )
-    print(f"(medians; speed-up relative to '{reference}' at the same batch size)")
+    print(
+        f"(medians; speed-up relative to '{reference}' at the same batch size; +infer.: peak RSS during the runs "
+        "minus RSS before them, i.e. without the resident weights)"
+    )
 
 
 def measure_load_seconds(pipe: VARPipeline) -> float:

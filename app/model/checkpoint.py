@@ -64,11 +64,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{path}: refused: loading it needs arbitrary unpickling, which is never done "
-            f"(torch.load weights_only=True): {first}"
-        ) from e
+        msg = str(e)
+        detail = msg.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        if "allowed global" in msg or "Unsupported global" in msg:
+            raise CheckpointError(
+                f"{path}: refused: loading it needs arbitrary unpickling, which is never done "
+                f"(torch.load weights_only=True): {detail}"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from e
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     return _as_state_dict(obj, path)

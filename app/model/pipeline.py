@@ -97,19 +97,18 @@ class VARPipeline:
         row_params = self._validate(label_list, params, seeds, shared_seed)
         B = len(label_list)
         noise: NoiseSource
+        row_seeds: list[int] | None = None
         if shared_seed is not None:
             noise = SharedGenerator(torch.Generator(self.device).manual_seed(shared_seed))
         else:
-            seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in range(B)]
-            noise = PerRowGenerators.from_seeds(seeds, self.device)
+            row_seeds = [int(s) for s in seeds] if seeds is not None else [secrets.randbits(63) for _ in range(B)]
+            noise = PerRowGenerators.from_seeds(row_seeds, self.device)
         rows = RowSampling.from_params(row_params, self.device)
         labels_B = torch.tensor(label_list, device=self.device)
         tokens, f_hat = self._sample_tokens(labels_B, rows, noise, timer, on_guided_logits)
         with timer.section("decode"):
             images = self.decode(f_hat)
-        return Generation(
-            images, tokens, f_hat, None if shared_seed is not None else list(seeds or []), dict(timer.seconds)
-        )
+        return Generation(images, tokens, f_hat, row_seeds, dict(timer.seconds))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat -> images in [0, 1] (float32)."""

@@ -184,8 +184,9 @@ class VQVAE(nn.Module):
 
     def use_channels_last(self) -> VQVAE:
         """Decoder convolutions in channels-last layout: about 12% faster on CPU (oneDNN), same numbers to ~1e-5."""
-        self.post_quant_conv.to(memory_format=torch.channels_last)
-        self.decoder.to(memory_format=torch.channels_last)
+        # Module.to(memory_format=...) is documented but missing from the type stubs
+        self.post_quant_conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.decoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return self
 
     def img_to_f(self, img_BCHW: torch.Tensor) -> torch.Tensor:
