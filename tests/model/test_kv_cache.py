@@ -14,7 +14,7 @@ from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 
 
-def _pipeline(shared_aln: bool, depth: int, patch_nums: tuple[int, ...]) -> VARPipeline:
+def _pipeline(shared_aln: bool, depth: int, patch_nums: tuple[int, ...], attn_l2_norm: bool = True) -> VARPipeline:
     cfg = PipelineConfig(
         "test",
         VARConfig(
@@ -39,11 +39,13 @@ def _pipeline(shared_aln: bool, depth: int, patch_nums: tuple[int, ...]) -> VARP
 
 
 @pytest.mark.parametrize(
-    "shared_aln, depth, patch_nums",
-    [(True, 3, (1, 2, 3, 4, 6)), (False, 1, (1, 2, 4)), (False, 4, (1, 3, 5, 8))],
+    "shared_aln, depth, patch_nums, attn_l2_norm",
+    [(True, 3, (1, 2, 3, 4, 6), True), (False, 1, (1, 2, 4), True), (False, 4, (1, 3, 5, 8), False)],
 )
-def test_cached_guided_logits_equal_masked_forward(shared_aln: bool, depth: int, patch_nums: tuple[int, ...]) -> None:
-    pipe = _pipeline(shared_aln, depth, patch_nums)
+def test_cached_guided_logits_equal_masked_forward(
+    shared_aln: bool, depth: int, patch_nums: tuple[int, ...], attn_l2_norm: bool
+) -> None:
+    pipe = _pipeline(shared_aln, depth, patch_nums, attn_l2_norm)
     cfg, labels = 2.0, [3, 7]
     cached: dict[int, torch.Tensor] = {}
     gen = pipe.generate(
