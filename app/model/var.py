@@ -107,8 +107,8 @@ class VAR(nn.Module):
         cond = self.condition(label_B)
         lvl_pos = self.level_pos()
         L = self.cfg.seq_len
-        sos = cond.cond_BD.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
-        x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + lvl_pos[:, :L]
+        rest = self.word_embed(x_BLCv_wo_first_l.float()) + lvl_pos[:, self.first_l : L]
+        x = torch.cat((self.first_tokens(cond, lvl_pos), rest), dim=1)
         bias = self.attn_bias_for_masking[:, :, :L, :L].to(x.dtype)
         for block, mod in zip(self.block_list, cond.block_mods, strict=True):
             x = block(x, mod, attn_bias=bias)

@@ -70,39 +70,26 @@ class Upsample2x(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: residual blocks, with attention after each at the lowest resolution."""
+    """One resolution level: residual blocks (attention after each at the lowest resolution), then an
+    optional 2x down- or upsampling (`down.{i}.downsample` / `up.{i}.upsample` in the state dict)."""
 
-    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module], *, downsample: int = 0, upsample: int = 0):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attn)
+        self.downsample = Downsample2x(downsample) if downsample else None
+        self.upsample = Upsample2x(upsample) if upsample else None
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = block(h)
             if len(self.attn):
                 h = self.attn[i](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
         return h
-
-
-class _DownLevel(_Level):
-    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module], channels: int, downsample: bool):
-        super().__init__(blocks, attn)
-        self.downsample = Downsample2x(channels) if downsample else None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.run_blocks(h)
-        return h if self.downsample is None else self.downsample(h)
-
-
-class _UpLevel(_Level):
-    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module], channels: int, upsample: bool):
-        super().__init__(blocks, attn)
-        self.upsample = Upsample2x(channels) if upsample else None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.run_blocks(h)
-        return h if self.upsample is None else self.upsample(h)
 
 
 class _Mid(nn.Module):
@@ -130,7 +117,7 @@ class Encoder(nn.Module):
             ]
             block_in = block_out
             attn: list[nn.Module] = [AttnBlock(block_out) for _ in blocks] if lvl == n - 1 else []
-            self.down.append(_DownLevel(blocks, attn, block_out, downsample=lvl != n - 1))
+            self.down.append(_Level(blocks, attn, downsample=block_out if lvl != n - 1 else 0))
         self.mid = _Mid(block_in)
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, 1, 1)
@@ -157,7 +144,7 @@ class Decoder(nn.Module):
             ]
             block_in = block_out
             attn: list[nn.Module] = [AttnBlock(block_out) for _ in blocks] if lvl == n - 1 else []
-            levels.insert(0, _UpLevel(blocks, attn, block_out, upsample=lvl != 0))
+            levels.insert(0, _Level(blocks, attn, upsample=block_out if lvl != 0 else 0))
         self.up = nn.ModuleList(levels)  # up[0] is the last one run, as in the official code
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, 1, 1)
