@@ -58,7 +58,7 @@ class VARPipeline:
     ):
         self.config = config
         self.var = var.eval()
-        self.vqvae = vqvae.eval().use_channels_last()
+        self.vqvae = vqvae.eval().use_channels_last()  # converts the decoder's weights in place
         self.autocast_dtype = autocast_dtype  # transformer matmuls (e.g. bf16); logits stay float32
         self.decode_dtype = decode_dtype  # VQVAE decoder weights/activations; None = float32
         self.steps = scale_steps(config.var.patch_nums)
