@@ -137,9 +137,10 @@ def load_pipeline(config: PipelineConfig, var_path: str | Path, vae_path: str | 
 
 def random_pipeline(config: PipelineConfig, seed: int = 0) -> VARPipeline:
     """Random weights (official VAR initialisation), for shape-only runs and benchmarks."""
-    torch.manual_seed(seed)
-    var, vqvae = build_models(config)
-    init_weights(var)
+    with torch.random.fork_rng():  # seeded, without disturbing the caller's global generator
+        torch.manual_seed(seed)
+        var, vqvae = build_models(config)
+        init_weights(var)
     return VARPipeline(config, var, vqvae)
 
 
