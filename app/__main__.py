@@ -43,8 +43,7 @@ def generate_command(a: argparse.Namespace) -> int:
     print(f"wrote {a.out} ({a.num_images} image(s), class {a.class_label}, seeds {seeds[0]}..{seeds[-1]})")
     print(f"model load + variant {a.variant!r}: {load_s:.2f} s on {pipe.device}")
     print(f"generation: {total_s:.3f} s")
-    transformer = sum(v for k, v in timer.seconds.items() if k.startswith("transformer"))
-    print(f"  transformer {transformer:.3f} s")
+    print(f"  transformer {timer.total('transformer.'):.3f} s")
     for k, v in timer.seconds.items():
         print(f"    {k:<22} {v:.3f} s" if k.startswith("transformer") else f"  {k:<24} {v:.3f} s")
     return 0

@@ -58,7 +58,7 @@ def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
         timer = StageTimer(pipe.device)
         pipe.generate(labels, params, seeds=[seed + i for i in range(len(labels))], timer=timer)
         stages = dict(timer.seconds)
-        stages["transformer"] = sum(v for k, v in stages.items() if k.startswith("transformer."))
+        stages["transformer"] = timer.total("transformer.")
         return stages
 
     return run
@@ -81,6 +81,7 @@ def measure(
         stage_runs.append(runner(labels, 1000 * (r + 1)))
         totals.append(time.perf_counter() - t0)
     median = statistics.median(totals)
+    peak_rss = memory.peak_rss_bytes()
     stages = {k: statistics.median(s.get(k, 0.0) for s in stage_runs) for k in stage_runs[0]}
     return BenchRecord(
         variant=variant,
@@ -91,8 +92,8 @@ def measure(
         seconds_per_batch=median,
         seconds_per_batch_all=totals,
         images_per_second=batch_size / median,
-        peak_rss_bytes=memory.peak_rss_bytes(),
-        inference_rss_bytes=memory.peak_rss_bytes() - rss_before,
+        peak_rss_bytes=peak_rss,
+        inference_rss_bytes=peak_rss - rss_before,
         peak_gpu_bytes=memory.peak_gpu_bytes(device),
         stages=stages,
         threads=torch.get_num_threads(),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from app.bench import Runner
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 
@@ -31,9 +32,7 @@ def _import_official_builder(src: Path) -> Callable[..., tuple[torch.nn.Module, 
     return build_vae_var
 
 
-def official_runner(
-    src: Path, base: VARPipeline, params: SamplingParams
-) -> Callable[[list[int], int], dict[str, float]]:
+def official_runner(src: Path, base: VARPipeline, params: SamplingParams) -> Runner:
     build_vae_var = _import_official_builder(src)
     c = base.config
     with contextlib.redirect_stdout(sys.stderr):  # its constructors print

@@ -33,5 +33,9 @@ class StageTimer:
                 torch.cuda.synchronize()
             self.seconds[name] += time.perf_counter() - start
 
+    def total(self, prefix: str) -> float:
+        """Seconds summed over every stage whose name starts with `prefix` (e.g. "transformer.")."""
+        return sum(v for k, v in self.seconds.items() if k.startswith(prefix))
+
 
 NULL_TIMER = StageTimer(enabled=False)
