@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint typecheck pytest conformance bench serve clean
+.PHONY: install test lint typecheck pytest conformance bench serve clean demo-model demo-classifier evaluate
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Fashion-MNIST (train/evaluate the demo model and their tests; the server never needs it)
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests
 	$(VENV)/bin/ruff format --check app tests
@@ -20,7 +27,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
@@ -35,6 +42,22 @@ bench: $(STAMP)
 serve:
 	@echo "make serve arrives with the serving issue (POST /generate); use 'python -m app generate' meanwhile." >&2
 	@exit 1
+
+# The quality judge: a CNN on the Fashion-MNIST train split (a few minutes).
+demo-classifier: $(STAMP) $(FASHION_MNIST)
+	$(PY) -m app.train classifier
+
+# The embedded demo model from scratch (resumable; about 1.5 h on 2 cores), then its evaluation and card.
+DEMO_EVAL := --images-per-class 200 --variants baseline
+demo-model: $(STAMP) $(FASHION_MNIST)
+	$(PY) -m app.train demo
+	$(PY) -m app.evaluate --model model_store/demo $(DEMO_EVAL) --json runs/demo/eval.json --out-dir runs/demo/eval
+	$(PY) -m app.evaluate --model runs/demo/early --label early $(DEMO_EVAL) --json runs/demo/eval_early.json \
+		--out-dir runs/demo/eval
+	$(PY) -m app.train card
+
+evaluate: $(STAMP) $(FASHION_MNIST)
+	$(PY) -m app.evaluate $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.model.sampling import SamplingParams
+
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
@@ -84,12 +86,22 @@ class PipelineConfig:
     name: str
     var: VARConfig = field(default_factory=VARConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    class_names: tuple[str, ...] = ()  # optional, one per class; the API accepts them in place of numbers
+    sampling: SamplingParams | None = None  # for requests that name no setting; None: `default_sampling`
 
     def __post_init__(self) -> None:
         if self.var.patch_nums != self.vqvae.patch_nums:
             raise ValueError(f"patch_nums differ: VAR {self.var.patch_nums} vs VQVAE {self.vqvae.patch_nums}")
         if (self.var.vocab_size, self.var.z_channels) != (self.vqvae.vocab_size, self.vqvae.z_channels):
             raise ValueError("VAR and VQVAE disagree on vocab_size or z_channels")
+        if self.class_names and len(self.class_names) != self.var.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.var.num_classes} classes")
+        self.default_sampling.validate(self.var.vocab_size)
+
+    @property
+    def default_sampling(self) -> SamplingParams:
+        """The model's own sampling settings, else the official defaults (top_k at most the vocabulary)."""
+        return self.sampling or SamplingParams(top_k=min(SamplingParams.top_k, self.var.vocab_size))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +111,11 @@ class PipelineConfig:
         def tuples(sub: dict[str, Any]) -> dict[str, Any]:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
 
-        return PipelineConfig(d["name"], VARConfig(**tuples(d["var"])), VQVAEConfig(**tuples(d["vqvae"])))
+        names = tuple(d.get("class_names", ()))
+        sampling = SamplingParams(**d["sampling"]) if d.get("sampling") else None
+        return PipelineConfig(
+            d["name"], VARConfig(**tuples(d["var"])), VQVAEConfig(**tuples(d["vqvae"])), names, sampling
+        )
 
 
 def _released(depth: int, patch_nums: tuple[int, ...] = PATCH_NUMS_256, shared_aln: bool = False) -> PipelineConfig:
@@ -110,6 +126,30 @@ def _released(depth: int, patch_nums: tuple[int, ...] = PATCH_NUMS_256, shared_a
     )
 
 
+DEMO_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# The embedded demo model (model_store/demo): 32x32 grayscale Fashion-MNIST, 8x8 latent, 155 tokens.
+DEMO = PipelineConfig(
+    name="demo",
+    var=VARConfig(depth=4, embed_dim=256, num_heads=4, num_classes=10, vocab_size=512, patch_nums=DEMO_PATCH_NUMS),
+    vqvae=VQVAEConfig(
+        vocab_size=512, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=DEMO_PATCH_NUMS
+    ),
+    class_names=FASHION_MNIST_CLASSES,
+    sampling=SamplingParams(cfg=3.0, top_k=0, top_p=0.0),
+)
+
 PRESETS: dict[str, PipelineConfig] = {
     "d16": _released(16),
     "d20": _released(20),
@@ -118,6 +158,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "d36": _released(36, PATCH_NUMS_512, shared_aln=True),
     # the shape of the shipped conformance fixture: depth 2, the smallest legal VQVAE (ch=32)
     "tiny": PipelineConfig("tiny", VARConfig(depth=2), VQVAEConfig(ch=32)),
+    "demo": DEMO,
 }
 
 

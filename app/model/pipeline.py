@@ -34,7 +34,6 @@ from app.model.var import VAR
 from app.model.vqvae import VQVAE
 
 LogitsObserver = Callable[[int, torch.Tensor], None]
-DEFAULT_SAMPLING = SamplingParams()
 
 
 @dataclass
@@ -81,20 +80,21 @@ class VARPipeline:
     def generate(
         self,
         labels: Sequence[int] | torch.Tensor,
-        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_SAMPLING,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         seeds: Sequence[int] | None = None,
         shared_seed: int | None = None,
         timer: StageTimer = NULL_TIMER,
         on_guided_logits: LogitsObserver | None = None,
     ) -> Generation:
-        """Generate one image per label. `params` is one SamplingParams for all rows or one per row.
+        """Generate one image per label. `params` is one SamplingParams for all rows, one per row, or None
+        for the model's recommended settings (`config.default_sampling`).
 
         Randomness: `seeds` (one per row; random ones are drawn and returned when omitted), or
         `shared_seed` for the official one-generator-per-batch behaviour.
         """
         label_list = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
-        row_params = self._validate(label_list, params, seeds, shared_seed)
+        row_params = self._validate(label_list, self.config.default_sampling if params is None else params, seeds, shared_seed)
         B = len(label_list)
         noise: NoiseSource
         row_seeds: list[int] | None = None

@@ -38,7 +38,10 @@ class Linear(nn.Linear):
 
 
 def per_sample(fn: Callable[[torch.Tensor], torch.Tensor], x_B: torch.Tensor) -> torch.Tensor:
-    """fn applied to one batch item at a time on CPU (batch-invariant), to the whole batch elsewhere."""
-    if x_B.device.type != "cpu" or x_B.shape[0] == 1:
+    """fn applied to one batch item at a time on CPU (batch-invariant), to the whole batch elsewhere.
+
+    Training (autograd on) takes the batched path: batch invariance is a promise of sampling, not of training.
+    """
+    if x_B.device.type != "cpu" or x_B.shape[0] == 1 or torch.is_grad_enabled():
         return fn(x_B)
     return torch.cat([fn(x_B[i : i + 1]) for i in range(x_B.shape[0])])

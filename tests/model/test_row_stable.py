@@ -33,6 +33,14 @@ def test_per_sample_convolution_is_batch_invariant() -> None:
     g = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(32, 32, 3, padding=1)
     x = torch.randn(6, 32, 16, 16, generator=g)
-    together = per_sample(conv, x)
-    for i in range(6):
-        assert torch.equal(together[i], conv(x[i : i + 1])[0])
+    with torch.inference_mode():  # as sampling runs
+        together = per_sample(conv, x)
+        for i in range(6):
+            assert torch.equal(together[i], conv(x[i : i + 1])[0])
+
+
+def test_per_sample_takes_the_batched_path_when_training() -> None:
+    calls: list[int] = []
+    x = torch.randn(4, 2, requires_grad=True)
+    per_sample(lambda t: calls.append(t.shape[0]) or t * 2, x).sum().backward()
+    assert calls == [4] and x.grad is not None

@@ -1,0 +1,160 @@
+"""`python -m app.evaluate`: image quality of each variant on the same (class, seed) list.
+
+Defaults judge the embedded demo model with the demo classifier against the Fashion-MNIST test split; the
+model folder, the reference images and the feature network are all arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.compress import VARIANTS, apply_variant
+from app.fashion_mnist import DEFAULT_DIR, load_split
+from app.images import grid
+from app.model.checkpoint import load_folder
+from app.model.pipeline import VARPipeline
+from app.model.sampling import SamplingParams
+from app.quality.evaluation import (
+    FeatureNetwork,
+    Prompts,
+    generate_all,
+    greedy_agreement,
+    image_metrics,
+    open_feature_network,
+)
+
+NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the second seed list: far from the first, same classes
+
+
+def load_reference(path: Path) -> torch.Tensor:
+    """Reference images in [-1, 1]: a folder of Fashion-MNIST IDX files (test split) or a safetensors file
+    holding `images` (N, C, H, W), uint8 in [0, 255] or float in [-1, 1]."""
+    if path.is_dir():
+        return load_split("test", path).images
+    from safetensors.torch import load_file
+
+    images = load_file(str(path))["images"]
+    return images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
+
+
+def evaluate_variant(
+    name: str, pipe: VARPipeline, prompts: Prompts, a: argparse.Namespace, features: FeatureNetwork,
+    reference_feats: torch.Tensor, seed_set: str,
+) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+    images, seconds = generate_all(pipe, prompts, a.params, a.batch_size)
+    record: dict[str, Any] = {"model": a.label, "variant": name, "seed_set": seed_set, "images": len(prompts.labels)}
+    record |= image_metrics(images, prompts.labels, features, reference_feats)
+    record |= {"seconds": round(seconds, 2), "images_per_second": round(len(prompts.labels) / seconds, 2)}
+    return record, images
+
+
+def _grid(images: torch.Tensor, per_class: int, num_classes: int, columns: int = 10) -> torch.Tensor:
+    """The first `columns` images of every class, one class per row."""
+    keep = [c * per_class + i for c in range(num_classes) for i in range(min(columns, per_class))]
+    return images[keep]
+
+
+def run(a: argparse.Namespace) -> list[dict[str, Any]]:
+    features = open_feature_network(a.features)
+    _, reference_feats = features(load_reference(a.reference))
+    base = load_folder(a.model)
+    a.params = a.params or base.config.default_sampling
+    C = base.num_classes
+    prompts = Prompts.make(C, a.images_per_class, a.seed)
+    greedy_prompts = Prompts.make(C, a.greedy_per_class, a.seed)
+    apply_variant("baseline", base)
+    records = []
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in a.variants:
+        pipe = base if name == "baseline" else apply_variant(name, load_folder(a.model))
+        record, images = evaluate_variant(name, pipe, prompts, a, features, reference_feats, "main")
+        record["greedy_agreement"] = [
+            round(x, 4) for x in greedy_agreement(pipe, base, greedy_prompts, a.params.cfg, a.batch_size)
+        ]
+        grid(_grid(images, a.images_per_class, C), columns=min(10, a.images_per_class)).save(
+            a.out_dir / f"{a.label}_{name}.png"
+        )
+        records.append(record)
+        print_row(record)
+    noise = Prompts.make(C, a.images_per_class, a.seed + NOISE_FLOOR_SEED_OFFSET)
+    records.append(evaluate_variant("baseline", base, noise, a, features, reference_feats, "noise-floor")[0])
+    print_row(records[-1])
+    return records
+
+
+HEADER = (
+    f"{'model':<10} {'variant':<14} {'seeds':<12} {'images':>6} {'class acc':>9} {'FID':>8} {'prec':>6} "
+    f"{'recall':>6} {'img/s':>7}"
+)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    acc = "n/a" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.2f}%"
+    print(
+        f"{r['model']:<10} {r['variant']:<14} {r['seed_set']:<12} {r['images']:>6} {acc:>9} {r['fid']:>8.3f} "
+        f"{r['precision']:>6.3f} {r['recall']:>6.3f} {r['images_per_second']:>7.1f}"
+        + (f"  greedy agreement per scale: {r['greedy_agreement']}" if "greedy_agreement" in r else ""),
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app.evaluate", description=__doc__)
+    ap.add_argument("--model", type=Path, default=Path("model_store/demo"), help="checkpoint folder")
+    ap.add_argument("--label", default="", help="name of the model in the records (default: the folder name)")
+    ap.add_argument(
+        "--features",
+        type=Path,
+        default=Path("model_store/demo_classifier"),
+        help="classifier folder (ours) or a TorchScript file mapping images in [-1, 1] to features",
+    )
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="Fashion-MNIST IDX folder (test split) or a safetensors file with `images`",
+    )
+    ap.add_argument("--variants", default="baseline", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--images-per-class", type=int, default=100)
+    ap.add_argument("--greedy-per-class", type=int, default=10, help="images per class for token agreement")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--cfg", type=float, help="sampling overrides (default: the model's own settings)")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--json", type=Path, help="write the records here")
+    ap.add_argument("--out-dir", type=Path, default=Path("runs/eval"), help="sample grid PNG per variant")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)  # fmt: skip
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    a.label = a.label or a.model.name
+    a.params = None
+    if a.cfg is not None or a.top_k is not None or a.top_p is not None:
+        d = load_folder(a.model).config.default_sampling
+        a.params = SamplingParams(
+            cfg=d.cfg if a.cfg is None else a.cfg,
+            top_k=d.top_k if a.top_k is None else a.top_k,
+            top_p=d.top_p if a.top_p is None else a.top_p,
+        )
+    print(HEADER)
+    records = run(a)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
