@@ -146,9 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="baseline", help=f"comma-separated, from {','.join(VARIANTS)}")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--cfg", type=float, default=1.5)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.96)
+    ap.add_argument("--cfg", type=float, help="sampling overrides (default: the model's own settings)")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--official-src", type=Path, help="checkout of the official VAR code: adds variant 'official'")
@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def runners(a: argparse.Namespace, base: VARPipeline) -> list[tuple[str, Runner]]:
-    params = SamplingParams(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p)
+    params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
     out: list[tuple[str, Runner]] = []
     for name in a.variant_list:
         pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
@@ -179,6 +179,11 @@ def runners(a: argparse.Namespace, base: VARPipeline) -> list[tuple[str, Runner]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the serving benchmark (app/serve_bench.py)
+        from app.serve_bench import main as serve_main
+
+        return serve_main(argv[1:])
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -19,7 +19,6 @@ from app.fashion_mnist import DEFAULT_DIR, load_split
 from app.images import grid
 from app.model.checkpoint import load_folder
 from app.model.pipeline import VARPipeline
-from app.model.sampling import SamplingParams
 from app.quality.evaluation import (
     FeatureNetwork,
     Prompts,
@@ -32,11 +31,11 @@ from app.quality.evaluation import (
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the second seed list: far from the first, same classes
 
 
-def load_reference(path: Path) -> torch.Tensor:
-    """Reference images in [-1, 1]: a folder of Fashion-MNIST IDX files (test split) or a safetensors file
+def load_reference(path: Path, split: str = "test") -> torch.Tensor:
+    """Reference images in [-1, 1]: a folder of Fashion-MNIST IDX files (`split`) or a safetensors file
     holding `images` (N, C, H, W), uint8 in [0, 255] or float in [-1, 1]."""
     if path.is_dir():
-        return load_split("test", path).images
+        return load_split(split, path).images
     from safetensors.torch import load_file
 
     images = load_file(str(path))["images"]
@@ -62,9 +61,9 @@ def _grid(images: torch.Tensor, per_class: int, num_classes: int, columns: int =
 
 def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     features = open_feature_network(a.features)
-    _, reference_feats = features(load_reference(a.reference))
+    _, reference_feats = features(load_reference(a.reference, a.reference_split))
     base = load_folder(a.model)
-    a.params = a.params or base.config.default_sampling
+    a.params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
     C = base.num_classes
     prompts = Prompts.make(C, a.images_per_class, a.seed)
     greedy_prompts = Prompts.make(C, a.greedy_per_class, a.seed)
@@ -120,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_DIR,
         help="Fashion-MNIST IDX folder (test split) or a safetensors file with `images`",
     )
+    ap.add_argument(
+        "--reference-split",
+        choices=["test", "train"],
+        default="test",
+        help="split of an IDX folder; choose sampling settings on train, report on test",
+    )
     ap.add_argument("--variants", default="baseline", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--images-per-class", type=int, default=100)
     ap.add_argument("--greedy-per-class", type=int, default=10, help="images per class for token agreement")
@@ -140,14 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     a.label = a.label or a.model.name
-    a.params = None
-    if a.cfg is not None or a.top_k is not None or a.top_p is not None:
-        d = load_folder(a.model).config.default_sampling
-        a.params = SamplingParams(
-            cfg=d.cfg if a.cfg is None else a.cfg,
-            top_k=d.top_k if a.top_k is None else a.top_k,
-            top_p=d.top_p if a.top_p is None else a.top_p,
-        )
     print(HEADER)
     records = run(a)
     if a.json:

@@ -94,7 +94,9 @@ class VARPipeline:
         `shared_seed` for the official one-generator-per-batch behaviour.
         """
         label_list = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
-        row_params = self._validate(label_list, self.config.default_sampling if params is None else params, seeds, shared_seed)
+        row_params = self._validate(
+            label_list, self.config.default_sampling if params is None else params, seeds, shared_seed
+        )
         B = len(label_list)
         noise: NoiseSource
         row_seeds: list[int] | None = None

@@ -8,6 +8,7 @@ per-image generators is where the exponential noise comes from (`NoiseSource`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +24,17 @@ class SamplingParams:
     top_k: int = 900
     top_p: float = 0.96
     more_smooth: bool = False
+
+    def overridden(
+        self, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None
+    ) -> SamplingParams:
+        """These settings with the given (non-None) ones replaced."""
+        return dataclasses.replace(
+            self,
+            cfg=self.cfg if cfg is None else cfg,
+            top_k=self.top_k if top_k is None else top_k,
+            top_p=self.top_p if top_p is None else top_p,
+        )
 
     def validate(self, vocab_size: int) -> None:
         if not self.cfg >= 0:
