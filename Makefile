@@ -39,9 +39,9 @@ conformance: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m app.bench $(BENCH_ARGS)
 
-serve:
-	@echo "make serve arrives with the serving issue (POST /generate); use 'python -m app generate' meanwhile." >&2
-	@exit 1
+# the demo model on 127.0.0.1:8000; VAR_* variables (README, "Serving") configure the rest
+serve: $(STAMP)
+	$(PY) -m app.serve
 
 # The quality judge: a CNN on the Fashion-MNIST train split (a few minutes).
 demo-classifier: $(STAMP) $(FASHION_MNIST)

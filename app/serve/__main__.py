@@ -1,0 +1,61 @@
+"""`python -m app.serve`: serve the configured model with uvicorn (settings: VAR_* environment variables).
+
+SIGTERM (or Ctrl+C): stop accepting (503, /readyz 503), let accepted work finish within
+VAR_DRAIN_GRACE_S, then exit. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from app.serve.app import create_app
+from app.serve.service import Service
+from app.serve.settings import ServeSettings
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        logging.getLogger(__name__).info("signal %d: draining (grace %g s)", sig, self.service.settings.drain_grace_s)
+        self._loop.call_soon_threadsafe(self._drain_then_exit, sig)
+
+    def _drain_then_exit(self, sig: int) -> None:
+        self.service.drain().add_done_callback(lambda _: super(DrainingServer, self).handle_exit(sig, None))
+
+
+def main() -> int:
+    settings = ServeSettings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
+    )
+    DrainingServer(config, app.state.service).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""HTTP routes: thin. Validation is pydantic's and `limits`; batching is the engine's; errors map in `errors`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.serve.batching import GenerationResult
+from app.serve.encoding import MEDIA_TYPES, encode_images, negotiate
+from app.serve.errors import ClientDisconnected, NotAcceptable
+from app.serve.limits import to_engine_request
+from app.serve.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
+from app.serve.service import Phase, Service
+
+T = TypeVar("T")
+router = APIRouter()
+PLAYGROUND = (Path(__file__).parent / "static" / "index.html").read_text()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    406: {"description": "a raw image was asked for (Accept: image/...) but the request cannot be one image"},
+    413: {"description": "body larger than max_body_bytes"},
+    422: {"description": "invalid field: the message names the field and the limit"},
+    429: {"description": "queue full; Retry-After says when to retry"},
+    500: {"description": "the batch failed; error_id points at the logged traceback"},
+    503: {"description": "loading or draining; Retry-After"},
+    504: {"description": "timeout_s passed; images not started were never computed"},
+}
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERRORS},
+)
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
+    """Images of one class. JSON (base64 images) by default; with `Accept: image/png|jpeg|webp` and
+    num_images 1, the image itself, with seed, variant and timings in headers."""
+    arrived = time.perf_counter()
+    raw_format = negotiate(request.headers.get("accept"))
+    engine, limits = service.ready_engine()
+    job = to_engine_request(body, limits)
+    request.state.variant = job.variant
+    fmt = answer_format(body, job.num_images, raw_format)
+    service.metrics.images_per_request.labels(job.variant).observe(job.num_images)
+    result = await until_disconnected(engine.generate(job), request)
+    t0 = time.perf_counter()
+    encoded = await asyncio.to_thread(encode_images, result.images, fmt)
+    encode_s = time.perf_counter() - t0
+    service.metrics.stage_seconds.labels(job.variant, "encode").observe(encode_s)
+    timings = timings_of(result, encode_s, time.perf_counter() - arrived)
+    headers = {"Server-Timing": server_timing(timings)}
+    if raw_format:
+        headers |= {"X-Seed": str(result.seeds[0]), "X-Variant": result.variant, "X-Class-Label": str(job.class_label)}
+        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
+    answer = GenerateResponse(
+        variant=result.variant,
+        class_label=job.class_label,
+        class_name=limits.class_names[job.class_label] if limits.class_names else None,
+        format=fmt,  # type: ignore[arg-type]
+        media_type=MEDIA_TYPES[fmt],
+        images=[
+            GeneratedImage(seed=s, data=base64.b64encode(b).decode())
+            for s, b in zip(result.seeds, encoded, strict=True)
+        ],
+        timings=timings,
+        batch_sizes=result.batch_sizes,
+    )
+    return JSONResponse(answer.model_dump(), headers=headers)
+
+
+def answer_format(body: GenerateRequest, num_images: int, raw_format: str | None) -> str:
+    if raw_format is None:
+        return body.format
+    if num_images != 1:
+        raise NotAcceptable(
+            f"a raw image answer (Accept: image/{raw_format}) holds one image; num_images is {num_images}"
+        )
+    if "format" in body.model_fields_set and body.format != raw_format:
+        raise NotAcceptable(f"Accept asks for image/{raw_format} but the body's format is {body.format!r}")
+    return raw_format
+
+
+async def until_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await `work` unless the client goes away first; then cancel it (which withdraws queued rows)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client left, or this handler itself is being cancelled
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def timings_of(result: GenerationResult, encode_s: float, total_s: float) -> Timings:
+    st = result.stage_s
+    return Timings(
+        queued_ms=1000 * result.queued_s,
+        transformer_ms=1000 * st.get("transformer", 0.0),
+        sampling_ms=1000 * st.get("sampling", 0.0),
+        latent_ms=1000 * st.get("latent", 0.0),
+        decode_ms=1000 * st.get("decode", 0.0),
+        encode_ms=1000 * encode_s,
+        total_ms=1000 * total_s,
+    )
+
+
+def server_timing(t: Timings) -> str:
+    parts = {"queue": t.queued_ms, "transformer": t.transformer_ms, "sampling": t.sampling_ms}
+    parts |= {"latent": t.latent_ms, "decode": t.decode_ms, "encode": t.encode_ms, "total": t.total_ms}
+    return ", ".join(f"{k};dur={v:.2f}" for k, v in parts.items())
+
+
+@router.get("/models")
+async def models(service: ServiceDep) -> dict[str, Any]:
+    """Every loaded variant (passes, weight bytes), the classes, the sampling defaults and the limits."""
+    service.ready_engine()  # 503 until loaded
+    return service.describe()
+
+
+@router.get("/healthz")
+async def healthz(service: ServiceDep) -> Response:
+    """Alive: 200, unless the model failed to load (then 503, so that the process gets restarted)."""
+    if service.phase is Phase.FAILED:
+        return JSONResponse({"status": "failed", "error": service.error}, status_code=503)
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/readyz")
+async def readyz(service: ServiceDep) -> Response:
+    """200 once loaded, compressed and warmed up; 503 while loading, draining, or after a failed load."""
+    if service.phase is Phase.READY:
+        return JSONResponse({"status": "ready"})
+    body = {"status": service.phase.value, "error": service.error}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5" if service.phase is Phase.LOADING else "1"})
+
+
+@router.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def playground() -> HTMLResponse:
+    return HTMLResponse(PLAYGROUND)

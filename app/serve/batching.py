@@ -1,0 +1,143 @@
+"""Requests, results, errors, and the batching policy: which queued images form the next batch.
+
+No threads, no asyncio, no web: the policy is a pure function of the queue and the clock, so it is
+tested without timing. A request of n images is n rows; rows of any class, seed, cfg, top-k, top-p and
+more_smooth share a batch; only the variant splits batches. A request may be spread over batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from app.model.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    variant: str
+    class_label: int
+    seeds: tuple[int, ...]  # one per image
+    params: SamplingParams
+    timeout_s: float
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1], on the CPU
+    seeds: tuple[int, ...]
+    variant: str
+    queued_s: float  # from arrival to the start of its first batch
+    stage_s: dict[str, float]  # transformer, sampling, latent, decode: summed over the request's batches
+    batch_sizes: list[int]
+
+
+class EngineError(Exception):
+    """Base of the conditions a request can end in besides a result."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, queued: int, capacity: int, retry_after_s: int):
+        super().__init__(f"queue full: {queued} images waiting, capacity {capacity}")
+        self.retry_after_s = retry_after_s
+
+
+class NotAccepting(EngineError):
+    """The engine is not started yet, or is draining for shutdown."""
+
+    def __init__(self, reason: str, retry_after_s: int):
+        super().__init__(f"not accepting requests: {reason}")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(EngineError):
+    def __init__(self, timeout_s: float, computed: bool):
+        what = "partly computed" if computed else "never computed"
+        super().__init__(f"deadline of {timeout_s:g} s passed ({what})")
+        self.computed = computed
+
+
+class BatchFailed(EngineError):
+    def __init__(self, error_id: str):
+        super().__init__(f"generation failed (error id {error_id})")
+        self.error_id = error_id
+
+
+@dataclass(eq=False)
+class Pending:
+    """A queued request and the progress of its rows; owned by the engine's event loop."""
+
+    request: GenerationRequest
+    arrived: float  # monotonic seconds
+    deadline: float
+    next_row: int = 0  # rows [0, next_row) have been handed to a batch
+    started: float | None = None
+    images: list[torch.Tensor | None] = field(default_factory=list)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.images = [None] * self.request.num_images
+
+    @property
+    def rows_waiting(self) -> int:
+        return self.request.num_images - self.next_row
+
+    @property
+    def variant(self) -> str:
+        return self.request.variant
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    pending: Pending
+    row: int  # index of the image within its request
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Either a batch to run now, or how long to wait before deciding again (None: until a request arrives)."""
+
+    rows: list[BatchRow]
+    wait_s: float | None = None
+
+
+def queued_rows(queue: Iterable[Pending], variant: str | None = None) -> int:
+    return sum(p.rows_waiting for p in queue if variant is None or p.variant == variant)
+
+
+def next_batch(queue: list[Pending], now: float, max_batch_size: int, max_wait_s: float) -> Decision:
+    """A variant is due when it has max_batch_size rows waiting or its oldest request has waited max_wait_s;
+    of the due variants, the one with the oldest request goes first. Rows are taken in arrival order."""
+    oldest: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    for p in queue:
+        if p.rows_waiting:
+            oldest.setdefault(p.variant, p.arrived)
+            rows[p.variant] = rows.get(p.variant, 0) + p.rows_waiting
+    due = [v for v in oldest if rows[v] >= max_batch_size or now - oldest[v] >= max_wait_s]
+    if not due:
+        wait = min(oldest.values()) + max_wait_s - now if oldest else None
+        return Decision([], wait)
+    variant = min(due, key=oldest.__getitem__)
+    return Decision(take_rows(queue, variant, max_batch_size))
+
+
+def take_rows(queue: list[Pending], variant: str, max_batch_size: int) -> list[BatchRow]:
+    taken: list[BatchRow] = []
+    for p in queue:
+        if p.variant != variant:
+            continue
+        n = min(p.rows_waiting, max_batch_size - len(taken))
+        taken += [BatchRow(p, p.next_row + i) for i in range(n)]
+        p.next_row += n
+        if len(taken) == max_batch_size:
+            break
+    return taken

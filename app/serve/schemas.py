@@ -1,0 +1,65 @@
+"""Request and response bodies. Static limits are pydantic Field constraints; the limits that depend on the
+loaded model or the settings (class range, vocabulary, images per request...) are checked in `limits`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MAX = 2**53 - 1  # the largest integer a JSON number carries exactly in every client (JavaScript included)
+CFG_MAX = 100.0
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerateRequest(BaseModel):
+    # strict: "3" is not 3; forbid: an unknown field is an error, never silently dropped
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    class_label: int | None = Field(default=None, ge=0, description="class index; give this or class_name")
+    class_name: str | None = Field(default=None, description="one of the model's class names (GET /models)")
+    num_images: int = Field(default=1, ge=1, description="images of this class; at most max_images_per_request")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="seed of image 0; image i uses seed + i; random if omitted",
+    )
+    cfg: float | None = Field(default=None, ge=0, le=CFG_MAX, description="guidance scale; model default if omitted")
+    top_k: int | None = Field(default=None, ge=0, description="0 = off; at most the vocabulary size")
+    top_p: float | None = Field(default=None, ge=0, le=1, description="0 = off")
+    more_smooth: bool | None = Field(default=None, description="Gumbel-softmax code mixing (smoother, less detailed)")
+    variant: str | None = Field(default=None, description="a loaded variant (GET /models); default if omitted")
+    format: ImageFormat = Field(default="png", description="image encoding")
+    timeout_s: float | None = Field(default=None, gt=0, description="504 if not done by then; at most max_timeout_s")
+
+
+class GeneratedImage(BaseModel):
+    seed: int
+    data: str = Field(description="the encoded image, base64")
+
+
+class Timings(BaseModel):
+    queued_ms: float = Field(description="arrival to the start of the request's first batch")
+    transformer_ms: float
+    sampling_ms: float
+    latent_ms: float
+    decode_ms: float
+    encode_ms: float
+    total_ms: float = Field(description="arrival of the request to the answer being ready")
+
+
+class GenerateResponse(BaseModel):
+    variant: str
+    class_label: int
+    class_name: str | None
+    format: ImageFormat
+    media_type: str
+    images: list[GeneratedImage]
+    timings: Timings
+    batch_sizes: list[int] = Field(description="images per batch that computed this request's images")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    error_id: str | None = None

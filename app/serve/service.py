@@ -1,0 +1,167 @@
+"""The service's life: load and compress the model, warm up, serve, drain. One instance per process.
+
+Loading runs in the background so that /healthz answers at once and /readyz says 503 until the variants
+are loaded, compressed and warmed up at every batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from app.serve.batching import NotAccepting
+from app.serve.encoding import MEDIA_TYPES
+from app.serve.engine import Engine
+from app.serve.limits import Limits
+from app.serve.metrics import ServeMetrics, versions
+from app.serve.models import ServedModel, load_model, resolve_device
+from app.serve.schemas import CFG_MAX, SEED_MAX
+from app.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class Service:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.metrics = ServeMetrics(settings.variants, settings.max_batch_size, settings.max_images_per_request)
+        self.phase = Phase.LOADING
+        self.error: str | None = None
+        self.model: ServedModel | None = None
+        self.engine: Engine | None = None
+        self.limits: Limits | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._drained: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loading = asyncio.get_running_loop().create_task(self._load(), name="var-load")
+
+    async def wait_loaded(self) -> None:
+        if self._loading:
+            await asyncio.shield(self._loading)
+
+    async def _load(self) -> None:
+        s = self.settings
+        try:
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
+            t0 = time.monotonic()
+            device = resolve_device(s.device)
+            self.model = model = await asyncio.to_thread(load_model, s.model_dir, s.variants, device)
+            pipes = {name: v.pipeline for name, v in model.variants.items()}
+            engine = Engine(
+                pipes,
+                max_batch_size=s.max_batch_size,
+                max_wait_s=s.max_wait_ms / 1000,
+                queue_capacity=s.queue_capacity,
+                metrics=self.metrics,
+            )
+            self.engine = engine
+            self._describe(model)
+            if s.warmup:
+                await engine.warm_up(range(1, s.max_batch_size + 1), model.defaults)
+            engine.start()
+        except Exception as e:
+            log.exception("loading %s failed", s.model_dir)
+            self.phase, self.error = Phase.FAILED, f"{type(e).__name__}: {e}"
+            return
+        self.phase = Phase.READY
+        self.metrics.ready.set(1)
+        log.info("ready: %s, variants %s on %s in %.1f s", s.model_dir, s.variants, device, time.monotonic() - t0)
+
+    def _describe(self, model: ServedModel) -> None:
+        s, m = self.settings, self.metrics
+        cfg = model.config
+        self.limits = Limits(
+            num_classes=cfg.var.num_classes,
+            class_names=cfg.class_names,
+            vocab_size=cfg.var.vocab_size,
+            variants=tuple(model.variants),
+            default_variant=s.default_variant,
+            defaults=model.defaults,
+            max_images_per_request=s.max_images_per_request,
+            default_timeout_s=s.default_timeout_s,
+            max_timeout_s=s.max_timeout_s,
+        )
+        m.model_info.info({"model": str(model.folder), "preset": cfg.name, "device": str(model.device), **versions()})
+        for name, v in model.variants.items():
+            passes = ",".join(p["name"] for p in v.passes)
+            m.variant_info.labels(name).info({"passes": passes, "shares_vqvae": str(v.shares_vqvae).lower()})
+            m.weight_bytes.labels(name).set(v.weight_bytes)
+        m.shared_weight_bytes.set(model.shared_bytes)
+        m.watch_gpu(model.device)
+
+    def ready_engine(self) -> tuple[Engine, Limits]:
+        """The engine and limits, or NotAccepting (503) while loading, draining or after a failed load."""
+        if self.phase is not Phase.READY or self.engine is None or self.limits is None:
+            retry = 5 if self.phase is Phase.LOADING else 1
+            raise NotAccepting(self.phase.value if self.phase is not Phase.FAILED else "model failed to load", retry)
+        return self.engine, self.limits
+
+    def describe(self) -> dict[str, Any]:
+        """GET /models: the model, every variant (passes, weight bytes), classes, defaults and limits."""
+        assert self.model is not None and self.limits is not None
+        m, s, lim = self.model, self.settings, self.limits
+        names = lim.class_names or (None,) * lim.num_classes
+        limits = {
+            "max_images_per_request": s.max_images_per_request,
+            "max_batch_size": s.max_batch_size,
+            "queue_capacity": s.queue_capacity,
+            "max_body_bytes": s.max_body_bytes,
+            "top_k_max": lim.vocab_size,
+            "cfg_max": CFG_MAX,
+            "seed_max": SEED_MAX,
+            "default_timeout_s": s.default_timeout_s,
+            "max_timeout_s": s.max_timeout_s,
+            "formats": list(MEDIA_TYPES),
+        }
+        return {
+            "model": {"folder": str(m.folder), "preset": m.config.name, "image_size": m.image_size},
+            "device": str(m.device),
+            "classes": [{"label": i, "name": name} for i, name in enumerate(names)],
+            "default_variant": lim.default_variant,
+            "variants": [
+                {"name": v.name, "passes": v.passes, "weight_bytes": v.weight_bytes, "shares_vqvae": v.shares_vqvae}
+                for v in m.variants.values()
+            ],
+            "shared_weight_bytes": m.shared_bytes,
+            "defaults": dataclasses.asdict(lim.defaults),
+            "limits": limits,
+        }
+
+    def drain(self) -> asyncio.Task[None]:
+        """Stop accepting and let accepted work finish within drain_grace_s (idempotent)."""
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_task(self._drain(), name="var-drain")
+        return self._drained
+
+    async def _drain(self) -> None:
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.DRAINING
+        self.metrics.ready.set(0)
+        if self.engine is not None:
+            failed = await self.engine.drain(self.settings.drain_grace_s)
+            log.info("drained; %d request(s) were not finished within the grace period", failed)
+
+    async def stop(self) -> None:
+        if self._loading and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        await self.drain()
+        if self.engine is not None:
+            await self.engine.stop()

@@ -1,0 +1,135 @@
+"""Fixtures of the service tests: a random-weight demo-shaped checkpoint folder, pipeline wrappers that
+record, block or fail, and a TestClient of a ready service."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.model.checkpoint import load_folder, random_pipeline
+from app.model.config import DEMO
+from app.model.pipeline import Generation, VARPipeline
+from app.model.sampling import SamplingParams
+from app.model.timing import StageTimer
+from app.serve.app import create_app
+from app.serve.settings import ServeSettings
+from app.serve_bench import start_server
+from app.train.export import export_folder
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's shape with random weights, written as a checkpoint folder."""
+    pipe = random_pipeline(DEMO)
+    out = tmp_path_factory.mktemp("demo_random")
+    export_folder(DEMO, pipe.var, pipe.vqvae, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(demo_folder: Path) -> VARPipeline:
+    return load_folder(demo_folder)
+
+
+def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
+    """Settings for tests: no warm-up unless asked (it is tested on its own), small limits."""
+    values: dict[str, Any] = {"model_dir": folder, "warmup": False, "max_batch_size": 4, "max_wait_ms": 0}
+    return ServeSettings(**(values | overrides))
+
+
+@contextmanager
+def serving(settings: ServeSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def wait_ready(client: TestClient, limit_s: float = 120) -> None:
+    end = time.monotonic() + limit_s
+    while (r := client.get("/readyz")).status_code != 200:
+        assert r.json()["status"] == "loading", r.json()
+        assert time.monotonic() < end, "service not ready in time"
+        time.sleep(0.02)
+
+
+class Recording:
+    """A pipeline that records the rows of every batch it computes."""
+
+    def __init__(self, pipe: VARPipeline):
+        self.pipe = pipe
+        self.calls: list[tuple[list[int], list[SamplingParams], list[int]]] = []
+
+    @property
+    def device(self) -> Any:
+        return self.pipe.device
+
+    def generate(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
+    ) -> Generation:
+        self.calls.append((list(labels), list(params), list(seeds)))
+        return self.pipe.generate(labels, params, seeds=seeds, timer=timer)
+
+    def computed_seeds(self) -> list[int]:
+        return [s for _, _, seeds in self.calls for s in seeds]
+
+
+class Gated(Recording):
+    """Each batch waits for `release` before computing; `entered` is set when a batch is waiting."""
+
+    def __init__(self, pipe: VARPipeline):
+        super().__init__(pipe)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def generate(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
+    ) -> Generation:
+        self.entered.set()
+        assert self.release.wait(30), "gate never released"
+        return super().generate(labels, params, seeds=seeds, timer=timer)
+
+
+class Failing(Recording):
+    """Raises for any batch that holds the class `bad_label`."""
+
+    def __init__(self, pipe: VARPipeline, bad_label: int):
+        super().__init__(pipe)
+        self.bad_label = bad_label
+
+    def generate(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
+    ) -> Generation:
+        if self.bad_label in labels:
+            raise RuntimeError(f"simulated failure on class {self.bad_label}")
+        return super().generate(labels, params, seeds=seeds, timer=timer)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextmanager
+def live_server_process(folder: Path, log: Path, **env: str) -> Iterator[LiveServer]:
+    """`python -m app.serve` in a subprocess on a free 127.0.0.1 port, ready when entered."""
+    values = {"VAR_MODEL_DIR": str(folder), "VAR_WARMUP": "false", "VAR_MAX_BATCH_SIZE": "4", "OMP_NUM_THREADS": "1"}
+    with start_server(values | env, log) as (url, proc):
+        yield LiveServer(url, proc, log)
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("live_server") / "server.log"
+    with live_server_process(demo_folder, log, VAR_VARIANTS="baseline,bf16") as server:
+        yield server

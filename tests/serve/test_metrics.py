@@ -1,0 +1,85 @@
+"""GET /metrics, parsed as Prometheus text: every documented metric is there and moves as it should."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serve.conftest import serve_settings, serving
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(client: TestClient) -> Samples:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+@pytest.fixture(scope="module")
+def client(demo_folder: Path) -> Iterator[TestClient]:
+    with serving(serve_settings(demo_folder, variants=["baseline", "bf16"], max_batch_size=4)) as c:
+        yield c
+
+
+def test_requests_images_batches_and_stages_are_counted(client: TestClient) -> None:
+    before = scrape(client)
+    assert client.post("/generate", json={"class_label": 1, "num_images": 3, "top_k": 0}).status_code == 200
+    after = scrape(client)
+
+    assert delta(before, after, "var_requests_total", variant="baseline", status="200") == 1
+    assert delta(before, after, "var_images_generated_total", variant="baseline") == 3
+    assert delta(before, after, "var_batch_size_images_count", variant="baseline") == 1
+    assert delta(before, after, "var_batch_size_images_sum", variant="baseline") == 3
+    assert delta(before, after, "var_request_images_sum", variant="baseline") == 3
+    assert delta(before, after, "var_queue_wait_seconds_count", variant="baseline") == 1
+    assert delta(before, after, "var_request_duration_seconds_count", variant="baseline") == 1
+    for stage in ("transformer", "sampling", "latent", "decode", "encode"):
+        assert delta(before, after, "var_stage_duration_seconds_count", variant="baseline", stage=stage) == 1, stage
+    assert value(after, "var_queue_depth_images", variant="baseline") == 0
+    assert value(after, "var_inflight_images", variant="bf16") == 0
+
+
+def test_rejections_are_counted_by_reason_and_clients_cannot_create_labels(client: TestClient) -> None:
+    before = scrape(client)
+    assert client.post("/generate", json={"class_label": 1, "variant": "made-up"}).status_code == 422
+    assert client.post("/generate", content=b"x" * 20_000).status_code == 413
+    after = scrape(client)
+    for reason in ("invalid", "body_too_large"):
+        assert delta(before, after, "var_rejections_total", reason=reason) == 1, reason
+    assert value(after, "var_requests_total", variant="unknown", status="422") >= 1
+    assert value(after, "var_requests_total", variant="unknown", status="413") >= 1
+    assert not any(dict(labels).get("variant") == "made-up" for _, labels in after)
+
+
+def test_memory_model_info_and_readiness_are_exported(client: TestClient) -> None:
+    samples = scrape(client)
+    assert value(samples, "var_model_weight_bytes", variant="baseline") > 0
+    assert value(samples, "var_model_weight_bytes", variant="bf16") > 0
+    assert value(samples, "var_shared_weight_bytes") > 0  # both variants share the unchanged VQVAE
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "var_ready") == 1
+    info = next(dict(labels) for (name, labels) in samples if name == "var_model_info")
+    assert info["preset"] == "demo" and info["device"] == "cpu" and info["torch_version"]
+    passes = {
+        dict(labels)["variant"]: dict(labels)["passes"] for (name, labels) in samples if name == "var_variant_info"
+    }
+    assert passes == {"baseline": "device_default_precision", "bf16": "autocast_bf16"}
+    for reason in ("queue_full", "deadline", "draining", "not_ready", "client_disconnected", "failed"):
+        assert ("var_rejections_total", frozenset({("reason", reason)})) in samples

@@ -1,0 +1,27 @@
+"""`python -m app.bench serve` against the live server, with tiny counts: the records and the table it writes.
+(Performance itself is measured by running the benchmark, not here.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.bench import main as bench_main
+from tests.serve.conftest import LiveServer
+
+
+def test_serve_benchmark_writes_records_and_a_table(
+    live_server: LiveServer, demo_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "serve.json"
+    args = ["--url", live_server.url, "--model-dir", str(demo_folder), "--variants", "baseline"]
+    args += ["--requests", "3", "--load-requests", "8", "--concurrency", "4", "--offline-runs", "2"]
+    assert bench_main(["serve", *args, "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())
+    assert record["variant"] == "baseline" and record["max_batch_size"] == 4 and record["concurrency"] == 4
+    assert record["offline_latency_s"] > 0 and record["served_latency_s"] > 0
+    assert record["served_images_per_s"] > 0 and 1 <= record["mean_batch_size"] <= 4
+    assert record["latency_target_s"] == pytest.approx(1.05 * record["offline_latency_s"] + 0.015)
+    assert "mean batch" in capsys.readouterr().out
