@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "--features",
         type=Path,
         default=Path("model_store/demo_classifier"),
-        help="classifier folder (ours) or a TorchScript file mapping images in [-1, 1] to features",
+        help="classifier folder (ours) or a torch.export .pt2 file mapping images in [-1, 1] to features",
     )
     ap.add_argument(
         "--reference",

@@ -25,7 +25,7 @@ class FashionClassifier(nn.Module):
         self.in_channels, self.num_classes, self.feature_dim = in_channels, num_classes, feature_dim
         self.body = nn.Sequential(
             *_conv(in_channels, 32), nn.MaxPool2d(2),  # 16x16
-            *_conv(32, 64), nn.MaxPool2d(2),  # 8x8
+            *_conv(32, 64), *_conv(64, 64), nn.MaxPool2d(2),  # 8x8
             *_conv(64, 128), nn.MaxPool2d(2),  # 4x4
             nn.Flatten(),
             nn.Linear(128 * 4 * 4, feature_dim),

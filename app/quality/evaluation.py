@@ -39,13 +39,14 @@ class ClassifierFeatures:
 
 
 @dataclass
-class ScriptedFeatures:
-    """A TorchScript module mapping images in [-1, 1] to features (e.g. an Inception network): no class accuracy."""
+class ExportedFeatures:
+    """A `torch.export` program (.pt2, dynamic batch) mapping images in [-1, 1] to features, e.g. an Inception
+    network: no class accuracy then. The format holds a graph and tensors, no pickled code."""
 
     path: Path
 
     def __post_init__(self) -> None:
-        self.model = torch.jit.load(str(self.path), map_location="cpu").eval()
+        self.model = torch.export.load(str(self.path)).module()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -53,7 +54,7 @@ class ScriptedFeatures:
 
 
 def open_feature_network(path: Path) -> FeatureNetwork:
-    return ClassifierFeatures(path) if path.is_dir() else ScriptedFeatures(path)
+    return ClassifierFeatures(path) if path.is_dir() else ExportedFeatures(path)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def image_metrics(
     images01: torch.Tensor, labels: list[int], features: FeatureNetwork, reference_feats: torch.Tensor
 ) -> dict[str, float | None]:
     preds, feats = features(images01.mul(2).sub(1))
-    precision, recall = precision_recall(reference_feats, feats)
+    # the k-NN manifolds compare sets of equal size: a fixed random subset of the reference
+    pick = torch.randperm(reference_feats.shape[0], generator=torch.Generator().manual_seed(0))[: feats.shape[0]]
+    precision, recall = precision_recall(reference_feats[pick], feats)
     accuracy = None if preds is None else float((preds == torch.tensor(labels)).float().mean())
     return {"class_accuracy": accuracy, "fid": fid(feats, reference_feats), "precision": precision, "recall": recall}
 

@@ -19,7 +19,7 @@ from app.train.loop import Checkpoints, Progress, batch_indices, lr_at, set_lr
 
 @dataclass(frozen=True)
 class ClassifierTraining:
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4
