@@ -38,9 +38,13 @@ class ServedModel:
     folder: Path
     config: PipelineConfig
     device: torch.device
-    defaults: SamplingParams
     variants: dict[str, ServedVariant] = field(default_factory=dict)
     shared_bytes: int = 0  # weights used by several variants
+
+    @property
+    def defaults(self) -> SamplingParams:
+        """What a request that names no sampling setting gets: the model's own settings."""
+        return self.config.default_sampling
 
     @property
     def image_size(self) -> int:
@@ -55,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(folder: Path, variant_names: Sequence[str], device: torch.device) -> ServedModel:
     base = load_folder(folder).to(device)
-    model = ServedModel(folder, base.config, device, base.config.default_sampling)
+    model = ServedModel(folder, base.config, device)
     if len(variant_names) == 1:  # nothing to share: transform the loaded pipeline itself
         name = variant_names[0]
         pipe = apply_variant(name, base)
