@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import resource
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def reset_peak(device: str | torch.device = "cpu") -> None:
@@ -39,3 +41,16 @@ def _status_kib(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of the weights the modules hold: the distinct storages behind their parameters and buffers, plus
+    weights kept outside them (a submodule's `packed_bytes`, e.g. an int8 kernel's packed weight)."""
+    storages: dict[int, int] = {}
+    packed = 0
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        packed += sum(int(getattr(sub, "packed_bytes", 0)) for sub in m.modules())
+    return sum(storages.values()) + packed

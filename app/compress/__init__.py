@@ -1,15 +1,20 @@
-"""Named variants: a variant is a list of passes, each a function pipeline -> pipeline.
+"""Named variants: a variant is a list of passes, each a function pipeline -> pipeline (in place).
 
-Passes keep `state_dict` keys, so every variant runs from the same checkpoint. Only precision passes
-exist so far; the compression passes (windowed attention, CFG sharing, quantization) register here.
+Passes keep every `state_dict` key of the checkpoint (a quantized layer adds its `weight_scale`), so every
+variant runs from the same checkpoint. Windowed attention comes first: when no window plan is saved beside
+the checkpoint it calibrates one on the still unmodified model.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
+from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
+from app.compress.guidance import guidance_off_last
+from app.compress.quantize import bf16_decoder, quantize_linears
 from app.model.pipeline import VARPipeline
 
 Pass = Callable[[VARPipeline], VARPipeline]
@@ -27,9 +32,27 @@ def device_default_precision(pipe: VARPipeline) -> VARPipeline:
     return autocast_bf16(pipe) if pipe.device.type == "cuda" else pipe
 
 
+LITEVAR: list[Pass] = [
+    device_default_precision,
+    windowed_attention,
+    cfg_attention_sharing,
+    quantize_linears,
+    bf16_decoder,
+]
+
 VARIANTS: dict[str, list[Pass]] = {
     "baseline": [device_default_precision],
     "bf16": [autocast_bf16],
+    # the paper's recipe: windows + sharing + W8A8 with fc2 (and the decoder) in 16-bit storage
+    "litevar": LITEVAR,
+    # each pass alone
+    "windows": [device_default_precision, windowed_attention],
+    "cfg-share": [device_default_precision, cfg_attention_sharing],
+    "w8a8": [device_default_precision, quantize_linears],
+    "decoder-bf16": [device_default_precision, bf16_decoder],
+    "guidance-off": [device_default_precision, functools.partial(guidance_off_last, scales=2)],
+    # LiteVAR plus the passes beyond the paper that pay
+    "fastest": [*LITEVAR, functools.partial(guidance_off_last, scales=2)],
 }
 
 

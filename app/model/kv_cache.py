@@ -21,6 +21,7 @@ class ScaleStep:
     begin: int
     end: int
     is_last: bool
+    guided: bool = True  # rows [B, 2B) hold the unconditional (guidance) branch
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +86,12 @@ class KVCache:
             )
             for _ in range(num_layers)
         ]
+
+    def first_rows(self, n: int) -> KVCache:
+        """A view of the first n rows of every layer (the conditional half, once guidance stops)."""
+        view = object.__new__(KVCache)
+        view.layers = [LayerKVCache(c.k[:n], c.v[:n], (c.workspace[0][:n], c.workspace[1][:n])) for c in self.layers]
+        return view
 
     def nbytes(self) -> int:
         first = self.layers[0]

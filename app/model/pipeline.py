@@ -9,10 +9,12 @@ Two randomness modes:
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -60,11 +62,18 @@ class VARPipeline:
         self.vqvae = vqvae.eval().use_channels_last()  # converts the decoder's weights in place
         self.autocast_dtype = autocast_dtype  # transformer matmuls (e.g. bf16); logits stay float32
         self.decode_dtype = decode_dtype  # VQVAE decoder weights/activations; None = float32
-        self.steps = scale_steps(config.var.patch_nums)
+        self.source: Path | None = None  # the checkpoint folder, where files calibrated for it live
+        self.guided_scales: int | None = None  # guidance on the first n scales only; None: every scale
 
     @property
     def device(self) -> torch.device:
-        return self.var.head.weight.device
+        return self.var.pos_1LC.device  # a plain parameter (a quantized layer's weight may be packed)
+
+    @property
+    def steps(self) -> list[ScaleStep]:
+        """The scales in order, each marked with whether it runs the guidance branch."""
+        n = self.guided_scales
+        return [dataclasses.replace(s, guided=n is None or s.si < n) for s in scale_steps(self.config.var.patch_nums)]
 
     @property
     def num_classes(self) -> int:
@@ -129,8 +138,8 @@ class VARPipeline:
         timer: StageTimer,
         on_guided_logits: LogitsObserver | None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        var, quant = self.var, self.vqvae.quantize
-        B, K = labels_B.shape[0], len(self.steps)
+        var, quant, steps = self.var, self.vqvae.quantize, self.steps
+        B, K = labels_B.shape[0], len(steps)
         null = torch.full_like(labels_B, self.num_classes)
         with self._autocast():
             cond = var.condition(torch.cat((labels_B, null)))  # rows [0, B) conditional, [B, 2B) null class
@@ -140,11 +149,13 @@ class VARPipeline:
         H = self.config.var.patch_nums[-1]
         f_hat = torch.zeros(B, self.config.var.z_channels, H, H, device=self.device)
         tokens = []
-        for step in self.steps:
+        for step in steps:
             ratio = step.si / max(K - 1, 1)
+            if not step.guided and cond.cond_BD.shape[0] == 2 * B:  # guidance stops: drop the unconditional rows
+                cond, cache = cond.first_rows(B), cache.first_rows(B)
             with timer.section(f"transformer.scale{step.si}"), self._autocast():
-                logits_2BlV = var.step(x, cond, cache, step)
-            guided = guide(logits_2BlV, rows.cfg, ratio)
+                logits = var.step(x, cond, cache, step)
+            guided = guide(logits, rows.cfg, ratio) if step.guided else logits
             if on_guided_logits is not None:
                 on_guided_logits(step.si, guided.clone())
             with timer.section("sampling"):
@@ -154,7 +165,7 @@ class VARPipeline:
                 pn = self.config.var.patch_nums[step.si]
                 next_BChw = quant.next_input(step.si, f_hat, h_BlC.transpose(1, 2).reshape(B, -1, pn, pn))
             if not step.is_last:
-                x = self._next_tokens(next_BChw, self.steps[step.si + 1], lvl_pos)
+                x = self._next_tokens(next_BChw, steps[step.si + 1], lvl_pos)
         return tokens, f_hat
 
     def _sample_scale(
@@ -172,7 +183,7 @@ class VARPipeline:
     def _next_tokens(self, next_BChw: torch.Tensor, step: ScaleStep, lvl_pos: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             x_BlC = self.var.embed_scale(next_BChw, step, lvl_pos)
-        return x_BlC.repeat(2, 1, 1)  # the guidance half sees exactly the same tokens
+        return x_BlC.repeat(2, 1, 1) if step.guided else x_BlC  # the guidance half sees the same tokens
 
     def _autocast(self) -> torch.autocast | nullcontext[None]:
         if self.autocast_dtype is None:

@@ -27,6 +27,9 @@ class Conditioning:
     block_mods: list[torch.Tensor]  # per block (rows, 1, 6, C)
     head_mod: torch.Tensor  # (rows, 1, 2, C)
 
+    def first_rows(self, n: int) -> Conditioning:
+        return Conditioning(self.cond_BD[:n], [m[:n] for m in self.block_mods], self.head_mod[:n])
+
 
 class VAR(nn.Module):
     lvl_1L: torch.Tensor

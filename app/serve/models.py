@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from app.compress import VARIANTS, apply_variant
+from app.memory import module_bytes
 from app.model.checkpoint import load_folder
 from app.model.config import PipelineConfig
 from app.model.pipeline import VARPipeline
@@ -90,16 +90,6 @@ def describe_passes(variant: str) -> list[dict[str, Any]]:
         options = {k: v if isinstance(v, int | float | str | bool | None) else repr(v) for k, v in options.items()}
         out.append({"name": getattr(fn, "__name__", repr(fn)), "options": options, "summary": summary})
     return out
-
-
-def module_bytes(*modules: nn.Module) -> int:
-    """Bytes of the distinct storages behind the modules' parameters and buffers."""
-    storages: dict[int, int] = {}
-    for m in modules:
-        for t in itertools.chain(m.parameters(), m.buffers()):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:

@@ -1,0 +1,137 @@
+"""PlannedAttention: the attention kernel of windowed attention and of attention sharing across CFG.
+
+Per query scale a layer takes one of three routes, all with true -inf semantics outside the kept pairs:
+- dense: scaled_dot_product_attention over every key (the baseline, and every scale without windows);
+- masked: dense scores with -inf outside the kept pairs: exact, but computes every pair (the reference, and
+  the route where skipping does not pay: small scales on CPU, where any sparse kernel costs more than it saves);
+- sparse: FlexAttention under torch.compile with a block mask, so key blocks without a kept pair are never
+  computed (CPU and GPU); pairs inside computed blocks but outside the windows are masked.
+
+With sharing at a scale, the unconditional rows [B, 2B) reuse the conditional rows' attention
+probabilities (their own QK^T and softmax are skipped; their own values are still used), or, with
+`share_outputs`, the conditional rows' whole attention output. Probabilities come from the explicit
+(masked) route, so at a sparse scale sharing probabilities is skipped: the block-sparse kernel does less
+work than sharing would save. Guidance-free scales (`step.guided` false) have no unconditional rows.
+The teacher-forced path (no `step`) stays dense.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from app.model.kv_cache import ScaleStep
+
+SPARSE_BLOCK = 32  # FlexAttention's block edge on both axes
+
+
+@functools.cache
+def _compiled_flex():  # compiled once per process; each new shape compiles once (seconds on CPU)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass
+class Route:
+    """How one query scale attends: `bias` (heads, N, P), 0 on kept pairs and -inf elsewhere (None: dense);
+    `blocks`, the block mask of the sparse route (None: not sparse)."""
+
+    bias: torch.Tensor | None = None
+    blocks: BlockMask | None = None
+    computed_pairs: int | None = None  # per head-summed row of the batch; None: every pair
+
+    def pairs(self, step: ScaleStep, heads: int) -> int:
+        return heads * step.num_tokens * step.end if self.computed_pairs is None else self.computed_pairs
+
+
+def block_mask(kept: torch.Tensor) -> BlockMask:
+    heads, n, p = kept.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kept[h, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, None, heads, n, p, device=kept.device, BLOCK_SIZE=SPARSE_BLOCK)
+
+
+def route_for(kept: torch.Tensor, min_skipped: float) -> Route:
+    """The route for a (heads, N, P) kept-pairs mask: sparse where at least `min_skipped` of the key blocks
+    are skipped, else masked (or dense when everything is kept)."""
+    if bool(kept.all()):
+        return Route()
+    bias = torch.zeros(kept.shape, device=kept.device).masked_fill_(~kept, float("-inf"))
+    mask = block_mask(kept)
+    computed = mask.to_dense()[0].bool()  # (heads, query blocks, key blocks) that the kernel computes
+    if 1 - computed.float().mean().item() < min_skipped:
+        return Route(bias=bias)
+    q_sizes = _block_sizes(kept.shape[1])
+    k_sizes = _block_sizes(kept.shape[2])
+    pairs = int((computed * (q_sizes[:, None] * k_sizes[None, :]).to(computed.device)).sum())
+    return Route(bias=bias, blocks=mask, computed_pairs=pairs)
+
+
+def _block_sizes(n: int) -> torch.Tensor:
+    sizes = torch.full((-(-n // SPARSE_BLOCK),), SPARSE_BLOCK)
+    sizes[-1] = n - SPARSE_BLOCK * (len(sizes) - 1)
+    return sizes
+
+
+class PlannedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: dict[int, Route] = {}  # query scale -> route; absent: dense
+        self.share_scales: frozenset[int] = frozenset()
+        self.share_outputs = False
+
+    def shares(self, step: ScaleStep, rows: int) -> bool:
+        if not (step.guided and step.si in self.share_scales and rows % 2 == 0):
+            return False
+        return self.share_outputs or self.routes.get(step.si, Route()).blocks is None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        attn_bias: torch.Tensor | None,
+        step: ScaleStep | None,
+    ) -> torch.Tensor:
+        if step is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+        route = self.routes.get(step.si, Route())
+        if not self.shares(step, q.shape[0]):
+            return self._attend(q, k, v, route, scale)
+        B = q.shape[0] // 2
+        if self.share_outputs:
+            return self._attend(q[:B], k[:B], v[:B], route, scale).repeat(2, 1, 1, 1)
+        scores = (q[:B] @ k[:B].transpose(-1, -2)).mul_(scale)
+        if route.bias is not None:
+            scores += route.bias.to(scores.dtype)
+        p = scores.softmax(-1).unsqueeze(0)  # the conditional rows' probabilities, for both halves
+        return (p @ v.unflatten(0, (2, B))).flatten(0, 1)
+
+    @staticmethod
+    def _attend(q, k, v, route: Route, scale: float) -> torch.Tensor:
+        if route.blocks is not None:
+            return _compiled_flex()(q, k, v, block_mask=route.blocks, scale=scale)
+        bias = None if route.bias is None else route.bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+    # ---- accounting ----------------------------------------------------------------------------------
+    def flops(self, step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
+        """FLOPs of QK^T and PV actually computed at this scale for `rows` rows (2 per multiply-add)."""
+        per_row = 2 * self.routes.get(step.si, Route()).pairs(step, heads) * head_dim  # one of QK^T or PV
+        if not self.shares(step, rows):
+            return 2 * rows * per_row
+        if self.share_outputs:
+            return rows * per_row  # the conditional half only, QK^T and PV
+        return (rows // 2 + rows) * per_row  # QK^T for the conditional half, PV for all rows
+
+
+def dense_flops(step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
+    return 4 * rows * heads * step.num_tokens * step.end * head_dim
