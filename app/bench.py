@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,10 @@ import torch
 
 from app import memory
 from app.compress import VARIANTS, apply_variant
+from app.compress.attention_passes import attention_flops, windowed_attention
+from app.compress.calibrate import calibrate
+from app.compress.windows import PLAN_FILE, WindowSettings
+from app.memory import module_bytes
 from app.model.checkpoint import load_folder, open_pipeline
 from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
@@ -48,6 +52,9 @@ class BenchRecord:
     inference_rss_bytes: int  # peak RSS during the timed runs minus RSS before them (models excluded)
     peak_gpu_bytes: int | None
     stages: dict[str, float]
+    weight_bytes: int | None = None  # the variant's weights as stored (int8 packed, bf16, float32)
+    attention_flops: int | None = None  # QK^T and PV computed per batch, from the kernels installed
+    attention_share: float | None = None  # attention_flops over the baseline's
     speedup_vs_baseline: float | None = None
     threads: int = 0
     torch_version: str = torch.__version__
@@ -101,29 +108,37 @@ def measure(
 
 
 def add_speedups(records: list[BenchRecord], reference: str) -> None:
-    ref = {r.batch_size: r.seconds_per_batch for r in records if r.variant == reference}
+    ref = {r.batch_size: r for r in records if r.variant == reference}
     for r in records:
         if r.batch_size in ref:
-            r.speedup_vs_baseline = ref[r.batch_size] / r.seconds_per_batch
+            r.speedup_vs_baseline = ref[r.batch_size].seconds_per_batch / r.seconds_per_batch
+            base_flops = ref[r.batch_size].attention_flops
+            if r.attention_flops is not None and base_flops:
+                r.attention_share = r.attention_flops / base_flops
 
 
 def print_table(records: list[BenchRecord], reference: str) -> None:
     print(
-        f"{'variant':<12} {'batch':>5} {'s/batch':>9} {'img/s':>7} {'speedup':>8} {'transf.':>8} "
-        f"{'sampling':>8} {'decode':>7} {'peak RSS':>9} {'+infer.':>8}"
+        f"{'variant':<13} {'batch':>5} {'s/batch':>9} {'img/s':>7} {'speedup':>8} {'transf.':>8} "
+        f"{'sampling':>8} {'decode':>7} {'peak RSS':>9} {'+infer.':>8} {'weights':>9} {'attn GFLOP':>10} {'share':>6}"
     )
     for r in records:
         sp = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline else "-"
         st = r.stages
         cols = [st.get(k) for k in ("transformer", "sampling", "decode")]
         cells = " ".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cols)
+        weights = f"{r.weight_bytes / 2**20:>7.1f}Mi" if r.weight_bytes is not None else f"{'-':>9}"
+        flops = f"{r.attention_flops / 1e9:>10.3f}" if r.attention_flops is not None else f"{'-':>10}"
+        share = f"{100 * r.attention_share:>5.1f}%" if r.attention_share is not None else f"{'-':>6}"
         print(
-            f"{r.variant:<12} {r.batch_size:>5} {r.seconds_per_batch:>9.3f} {r.images_per_second:>7.3f} {sp:>8} "
-            f"{cells} {r.peak_rss_bytes / 2**30:>7.2f}Gi {r.inference_rss_bytes / 2**30:>6.2f}Gi"
+            f"{r.variant:<13} {r.batch_size:>5} {r.seconds_per_batch:>9.3f} {r.images_per_second:>7.3f} {sp:>8} "
+            f"{cells} {r.peak_rss_bytes / 2**30:>7.2f}Gi {r.inference_rss_bytes / 2**30:>6.2f}Gi {weights} {flops} "
+            f"{share}"
         )
     print(
         f"(medians; speed-up relative to '{reference}' at the same batch size; +infer.: peak RSS during the runs "
-        "minus RSS before them, i.e. without the resident weights)"
+        "minus RSS before them, i.e. without the resident weights; weights: as stored by the variant; attn GFLOP: "
+        "QK^T and PV computed per batch; share: of the reference's)"
     )
 
 
@@ -154,6 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--official-src", type=Path, help="checkout of the official VAR code: adds variant 'official'")
     ap.add_argument("--measure-load", action="store_true", help="also time loading the weights from local files")
     ap.add_argument("--json", type=Path, help="write the records here")
+    ap.add_argument("--plot", type=Path, help="write a PNG of speed-up and attention FLOPs per variant here")
     a = ap.parse_args(argv)
     a.variant_list = [v for v in a.variants.split(",") if v]
     unknown = [v for v in a.variant_list if v not in VARIANTS]
@@ -165,17 +181,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def runners(a: argparse.Namespace, base: VARPipeline) -> list[tuple[str, Runner]]:
+@dataclass
+class Contender:
+    name: str
+    runner: Runner
+    pipe: VARPipeline | None  # None for the official code
+
+
+def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
+    """One variant at a time, built from a copy of `base` and dropped after its runs (peak RSS stays its own)."""
     params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
-    out: list[tuple[str, Runner]] = []
     for name in a.variant_list:
         pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
-        out.append((name, pipeline_runner(pipe, params)))
+        yield Contender(name, pipeline_runner(pipe, params), pipe)
+        del pipe
     if a.official_src is not None:
         from app.official import official_runner
 
-        out.append(("official", official_runner(a.official_src, base, params)))
-    return out
+        yield Contender("official", official_runner(a.official_src, base, params), None)
+
+
+def ensure_window_plan(base: VARPipeline, workdir: Path) -> None:
+    """Random weights have no saved window plan: calibrate one once (on 4 images) for every variant to share.
+    On random weights the plan measures the mechanism, not a trained model's attention."""
+    if base.source is not None and (base.source / PLAN_FILE).is_file():
+        return
+    calibrate(base, WindowSettings(batches=1, batch_size=4)).save(workdir / PLAN_FILE)
+    base.source = workdir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,24 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     base = open_pipeline(a.checkpoint, None if a.checkpoint else a.preset, a.checkpoint is None).to(a.device)
     preset = base.config.name
     load_s = measure_load_seconds(base) if a.measure_load else None
-    records = []
-    for name, runner in runners(a, base):
-        for bs in a.batch_size_list:
-            rec = measure(
-                runner,
-                variant=name,
-                preset=preset,
-                device=a.device,
-                batch_size=bs,
-                runs=a.runs,
-                num_classes=base.num_classes,
-            )
-            records.append(rec)
-            print(
-                f"{name} batch {bs}: {rec.seconds_per_batch:.3f} s per batch (runs {rec.seconds_per_batch_all})",
-                file=sys.stderr,
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
+        if any(windowed_attention in VARIANTS[v] for v in a.variant_list):
+            ensure_window_plan(base, Path(tmp))
+        records = run_all(a, base, preset)
     reference = a.variant_list[0]
     add_speedups(records, reference)
     print_table(records, reference)
@@ -217,7 +235,36 @@ def main(argv: list[str] | None = None) -> int:
         out: list[dict[str, Any]] = [dict(asdict(r), load_seconds=load_s) for r in records]
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))
+    if a.plot:
+        from app.plots import bench_plot
+
+        bench_plot([asdict(r) for r in records], a.plot)
     return 0
+
+
+def run_all(a: argparse.Namespace, base: VARPipeline, preset: str) -> list[BenchRecord]:
+    records = []
+    for c in contenders(a, base):
+        for bs in a.batch_size_list:
+            rec = measure(
+                c.runner,
+                variant=c.name,
+                preset=preset,
+                device=a.device,
+                batch_size=bs,
+                runs=a.runs,
+                num_classes=base.num_classes,
+            )
+            if c.pipe is not None:
+                rec.weight_bytes = module_bytes(c.pipe.var, c.pipe.vqvae)
+                rec.attention_flops = attention_flops(c.pipe, bs)
+            records.append(rec)
+            print(
+                f"{c.name} batch {bs}: {rec.seconds_per_batch:.3f} s per batch (runs {rec.seconds_per_batch_all})",
+                file=sys.stderr,
+                flush=True,
+            )
+    return records
 
 
 if __name__ == "__main__":

@@ -62,3 +62,15 @@ def test_bench_writes_one_record_per_variant_and_batch_size(tmp_path: Path, caps
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--variants", "baseline,turbo"])
+
+
+def test_compressed_variants_report_stored_bytes_and_attention_flops(tmp_path: Path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--checkpoint", "model_store/demo", "--variants", "baseline,litevar,guidance-off", "--batch-sizes", "2"]
+    assert main([*args, "--runs", "1", "--json", str(out), "--plot", str(plot)]) == 0
+    base, lite, late = json.loads(out.read_text())
+    assert base["attention_share"] == 1.0 and base["weight_bytes"] > 0
+    assert lite["weight_bytes"] < 0.45 * base["weight_bytes"]  # int8 linears, bf16 fc2 and decoder
+    assert 0 < lite["attention_share"] < 1 and 0 < late["attention_share"] < 1
+    assert late["weight_bytes"] == base["weight_bytes"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ import torch
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
 from app.compress.guidance import guidance_off_last
-from app.compress.quantize import bf16_decoder, quantize_linears
+from app.compress.quantize import bf16_vqvae, quantize_linears
 from app.model.pipeline import VARPipeline
 
 Pass = Callable[[VARPipeline], VARPipeline]
@@ -37,7 +37,7 @@ LITEVAR: list[Pass] = [
     windowed_attention,
     cfg_attention_sharing,
     quantize_linears,
-    bf16_decoder,
+    bf16_vqvae,
 ]
 
 VARIANTS: dict[str, list[Pass]] = {
@@ -49,7 +49,7 @@ VARIANTS: dict[str, list[Pass]] = {
     "windows": [device_default_precision, windowed_attention],
     "cfg-share": [device_default_precision, cfg_attention_sharing],
     "w8a8": [device_default_precision, quantize_linears],
-    "decoder-bf16": [device_default_precision, bf16_decoder],
+    "vqvae-bf16": [device_default_precision, bf16_vqvae],
     "guidance-off": [device_default_precision, functools.partial(guidance_off_last, scales=2)],
     # LiteVAR plus the passes beyond the paper that pay
     "fastest": [*LITEVAR, functools.partial(guidance_off_last, scales=2)],

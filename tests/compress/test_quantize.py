@@ -18,9 +18,10 @@ from app.compress.quantize import (
     Int8Linear,
     Int8SharedAdaLin,
     Kernel,
-    bf16_decoder,
+    bf16_vqvae,
     quantize_linears,
 )
+from app.compress.int4 import Int4SharedAdaLin, Int4WeightLinear, pack_int4, unpack_int4
 from app.memory import module_bytes
 from app.model.blocks import QKVLinear
 from app.model.checkpoint import load_folder, random_pipeline
@@ -174,16 +175,22 @@ def test_bf16_weight_linear_stores_bfloat16_and_returns_float32() -> None:
 def test_the_pass_replaces_every_targeted_linear(tiny: VARPipeline, tiny_quantized: VARPipeline) -> None:
     float_modules = dict(tiny.var.named_modules())
     int8_names = []
+    packed_names = []
     for name, m in tiny_quantized.var.named_modules():
         if name.endswith("ffn.fc2"):
             assert isinstance(m, BF16WeightLinear) and m.weight.dtype == torch.bfloat16, name
+        elif name.endswith("ada_lin.1"):
+            assert isinstance(m, Int4WeightLinear) and m.weight.dtype == torch.uint8, name
+            assert m.weight.shape[1] * 2 == float_modules[name].weight.shape[1]  # two 4-bit codes per byte
+            packed_names.append(name)
         elif isinstance(float_modules[name], nn.Linear):
             assert isinstance(m, Int8Linear), name
             int8_names.append(name)
     assert not any(isinstance(m, nn.Linear) for m in tiny_quantized.var.modules())  # tiny's linears are all targeted
     covered = {t for t in LAYER_TYPES for n in int8_names if n == t or n.endswith("." + t)}
-    assert covered == set(DEFAULT_INT8) - {"shared_ada_lin.1"}  # tiny has one AdaLN per block
-    assert set(tiny_quantized.var.state_dict()) == {*tiny.var.state_dict(), *(f"{n}.weight_scale" for n in int8_names)}
+    assert covered == set(DEFAULT_INT8)
+    scales = {f"{n}.weight_scale" for n in int8_names + packed_names}
+    assert set(tiny_quantized.var.state_dict()) == {*tiny.var.state_dict(), *scales}
 
 
 def test_the_quantized_pipeline_generates_and_loads_float_checkpoints(
@@ -205,8 +212,13 @@ def test_shared_adaln_keeps_its_output_view() -> None:
     pipe = random_pipeline(cfg)
     labels = torch.tensor([1, 2, 1000])
     ref = pipe.var.condition(labels).block_mods[0]
-    for int8, bf16, cls in [(DEFAULT_INT8, (), Int8SharedAdaLin), ((), ("shared_ada_lin.1",), BF16WeightSharedAdaLin)]:
-        q = quantize_linears(copy.deepcopy(pipe), int8=int8, bf16=bf16)
+    cases = [
+        (("shared_ada_lin.1",), (), (), Int8SharedAdaLin),
+        ((), ("shared_ada_lin.1",), (), BF16WeightSharedAdaLin),
+        ((), (), ("shared_ada_lin.1",), Int4SharedAdaLin),
+    ]
+    for int8, bf16, int4, cls in cases:
+        q = quantize_linears(copy.deepcopy(pipe), int8=int8, bf16=bf16, int4=int4)
         assert isinstance(q.var.get_submodule("shared_ada_lin.1"), cls)
         mod = q.var.condition(labels).block_mods[0]
         assert mod.shape == ref.shape == (3, 1, 6, cfg.var.embed_dim)
@@ -214,7 +226,7 @@ def test_shared_adaln_keeps_its_output_view() -> None:
 
 
 def test_a_layer_in_both_precisions_is_refused(tiny: VARPipeline) -> None:
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="several precisions"):
         quantize_linears(copy.deepcopy(tiny), int8=("head",), bf16=("head",))
 
 
@@ -246,12 +258,21 @@ def test_a_quantized_image_equals_its_request_alone(demo: VARPipeline) -> None:
 # ---- the decoder in bfloat16 -----------------------------------------------------------------------
 
 
-def test_bf16_decoder_stores_bfloat16_weights_with_the_same_keys(demo: VARPipeline) -> None:
-    pipe = bf16_decoder(copy.deepcopy(demo))
-    convs = [m for m in pipe.vqvae.decoder.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(isinstance(m, BF16WeightConv2d) and m.weight.dtype == torch.bfloat16 for m in convs)
+def test_bf16_vqvae_stores_bfloat16_weights_with_the_same_keys(demo: VARPipeline) -> None:
+    pipe = bf16_vqvae(copy.deepcopy(demo))
+    convs = [m for m in pipe.vqvae.modules() if type(m) in (nn.Conv2d, BF16WeightConv2d)]
+    assert len(convs) > len(list(pipe.vqvae.decoder.modules())) // 3  # the encoder's too
+    assert all(isinstance(m, BF16WeightConv2d) and m.weight.dtype == torch.bfloat16 for m in convs)
     assert set(pipe.vqvae.state_dict()) == set(demo.vqvae.state_dict())
     f_hat = demo.generate([2, 5], seeds=[0, 1]).f_hat
     with torch.inference_mode():
         ref, got = demo.decode(f_hat), pipe.decode(f_hat)
     assert got.dtype == torch.float32 and (got - ref).abs().max().item() < 0.02
+
+
+def test_int4_weights_pack_two_per_byte_within_a_group_step() -> None:
+    w = linear(128, 24).weight.detach()
+    packed, scale = pack_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, 64) and scale.shape == (24, 2)
+    step = scale.float().repeat_interleave(64, dim=1)
+    assert ((unpack_int4(packed, scale) - w).abs() <= step / 2 + 1e-6).all()
