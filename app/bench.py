@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +75,44 @@ def bench_labels(batch_size: int, num_classes: int) -> list[int]:
     return [(207 + 97 * i) % num_classes for i in range(batch_size)]
 
 
-def measure(
-    runner: Runner, *, variant: str, preset: str, device: str, batch_size: int, runs: int, num_classes: int
-) -> BenchRecord:
-    labels = bench_labels(batch_size, num_classes)
-    runner(labels, 0)  # warm-up: allocator, kernels, page-in of weights
-    memory.reset_peak(device)
-    rss_before = memory.rss_bytes()
-    totals, stage_runs = [], []
-    for r in range(runs):
+@dataclass
+class Samples:
+    """One contender's timed calls at one batch size."""
+
+    totals: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    peak_rss: int = 0
+    inference_rss: int = 0
+    peak_gpu: int | None = None
+
+    def time(self, runner: Runner, labels: list[int], seed: int, device: str) -> None:
+        memory.reset_peak(device)
+        before = memory.rss_bytes()
         t0 = time.perf_counter()
-        stage_runs.append(runner(labels, 1000 * (r + 1)))
-        totals.append(time.perf_counter() - t0)
-    median = statistics.median(totals)
-    peak_rss = memory.peak_rss_bytes()
-    stages = {k: statistics.median(s.get(k, 0.0) for s in stage_runs) for k in stage_runs[0]}
+        self.stages.append(runner(labels, seed))
+        self.totals.append(time.perf_counter() - t0)
+        peak = memory.peak_rss_bytes()
+        self.peak_rss, self.inference_rss = max(self.peak_rss, peak), max(self.inference_rss, peak - before)
+        gpu = memory.peak_gpu_bytes(device)
+        self.peak_gpu = None if gpu is None else max(self.peak_gpu or 0, gpu)
+
+
+def measure(contenders: list[Contender], *, preset: str, device: str, batch_size: int, runs: int,
+            num_classes: int) -> list[BenchRecord]:  # fmt: skip
+    """Warm every contender up, then time them in turns, `runs` rounds: drift of a shared machine (other
+    jobs, clocks) then hits every contender alike instead of whichever ran during it."""
+    labels = bench_labels(batch_size, num_classes)
+    for c in contenders:
+        c.runner(labels, 0)  # warm-up: allocator, kernels, compilation, page-in of weights
+    samples = {c.name: Samples() for c in contenders}
+    for r in range(runs):
+        for c in contenders:
+            samples[c.name].time(c.runner, labels, 1000 * (r + 1), device)
+    return [_record(c.name, samples[c.name], preset, device, batch_size, runs) for c in contenders]
+
+
+def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, runs: int) -> BenchRecord:
+    median = statistics.median(s.totals)
     return BenchRecord(
         variant=variant,
         preset=preset,
@@ -97,12 +120,12 @@ def measure(
         batch_size=batch_size,
         runs=runs,
         seconds_per_batch=median,
-        seconds_per_batch_all=totals,
+        seconds_per_batch_all=s.totals,
         images_per_second=batch_size / median,
-        peak_rss_bytes=peak_rss,
-        inference_rss_bytes=peak_rss - rss_before,
-        peak_gpu_bytes=memory.peak_gpu_bytes(device),
-        stages=stages,
+        peak_rss_bytes=s.peak_rss,
+        inference_rss_bytes=s.inference_rss,
+        peak_gpu_bytes=s.peak_gpu,
+        stages={k: statistics.median(st.get(k, 0.0) for st in s.stages) for k in s.stages[0]},
         threads=torch.get_num_threads(),
     )
 
@@ -189,12 +212,11 @@ class Contender:
 
 
 def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
-    """One variant at a time, built from a copy of `base` and dropped after its runs (peak RSS stays its own)."""
+    """Every variant, each built from a copy of `base`, and the official code when asked for."""
     params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
     for name in a.variant_list:
         pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
         yield Contender(name, pipeline_runner(pipe, params), pipe)
-        del pipe
     if a.official_src is not None:
         from app.official import official_runner
 
@@ -243,28 +265,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(a: argparse.Namespace, base: VARPipeline, preset: str) -> list[BenchRecord]:
+    everyone = list(contenders(a, base))
     records = []
-    for c in contenders(a, base):
-        for bs in a.batch_size_list:
-            rec = measure(
-                c.runner,
-                variant=c.name,
-                preset=preset,
-                device=a.device,
-                batch_size=bs,
-                runs=a.runs,
-                num_classes=base.num_classes,
-            )
+    for bs in a.batch_size_list:
+        for rec, c in zip(measure(everyone, preset=preset, device=a.device, batch_size=bs, runs=a.runs,
+                                  num_classes=base.num_classes), everyone, strict=True):  # fmt: skip
             if c.pipe is not None:
                 rec.weight_bytes = module_bytes(c.pipe.var, c.pipe.vqvae)
                 rec.attention_flops = attention_flops(c.pipe, bs)
             records.append(rec)
             print(
-                f"{c.name} batch {bs}: {rec.seconds_per_batch:.3f} s per batch (runs {rec.seconds_per_batch_all})",
+                f"{c.name} batch {bs}: {rec.seconds_per_batch:.3f} s (runs {rec.seconds_per_batch_all})",
                 file=sys.stderr,
-                flush=True,
             )
-    return records
+    order = {name: i for i, name in enumerate(c.name for c in everyone)}
+    return sorted(records, key=lambda r: (order[r.variant], r.batch_size))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--json", type=Path, help="write the records here")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/eval"), help="sample grid PNG per variant")
+    ap.add_argument("--plot", type=Path, help="PNG of FID and class accuracy against images per second")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)  # fmt: skip
     if a.threads:
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(records, indent=2) + "\n")
+    if a.plot:
+        from app.plots import quality_speed_plot
+
+        quality_speed_plot(records, a.plot)
     return 0
 
 

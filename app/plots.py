@@ -38,18 +38,21 @@ def bench_plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def quality_speed_plot(records: list[dict[str, Any]], path: Path) -> None:
-    """FID and class accuracy against images per second, one point per variant (main seed list), with the
-    baseline's second seed list as the noise floor."""
-    main = [r for r in records if r["seed_set"] == "main"]
+def quality_speed_plot(records: list[dict[str, Any]], path: Path, speed: dict[str, float] | None = None) -> None:
+    """FID and class accuracy against speed, one point per variant (main seed list), with the baseline's
+    second seed list as the noise floor. Speed: `speed[variant]` (e.g. the benchmark's images per second)
+    when given, else the evaluation's own images per second."""
+    main = [r for r in records if r["seed_set"] == "main" and (speed is None or r["variant"] in speed)]
+    for r in main:
+        r["speed"] = speed[r["variant"]] if speed is not None else r["images_per_second"]
     floor = [r for r in records if r["seed_set"] == "noise-floor"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in main:
         for ax, key, scale in ((left, "fid", 1), (right, "class_accuracy", 100)):
             if r[key] is None:
                 continue
-            ax.scatter(r["images_per_second"], scale * r[key])
-            ax.annotate(r["variant"], (r["images_per_second"], scale * r[key]), fontsize=8)
+            ax.scatter(r["speed"], scale * r[key])
+            ax.annotate(r["variant"], (r["speed"], scale * r[key]), fontsize=8)
     for r in floor:
         left.axhline(r["fid"], color="grey", ls="--", lw=0.8, label="baseline, second seed list")
         if r["class_accuracy"] is not None:
@@ -63,3 +66,25 @@ def quality_speed_plot(records: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.plots EVAL.json BENCH.json OUT.png [--batch-size 8]`: quality from the evaluation against
+    the benchmark's images per second at one batch size."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m app.plots", description=main.__doc__)
+    ap.add_argument("evaluation", type=Path)
+    ap.add_argument("bench", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args(argv)
+    bench = json.loads(a.bench.read_text())
+    speed = {r["variant"]: r["images_per_second"] for r in bench if r["batch_size"] == a.batch_size}
+    quality_speed_plot(json.loads(a.evaluation.read_text()), a.out, speed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

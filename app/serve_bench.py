@@ -29,7 +29,7 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bench import measure, pipeline_runner
+from app.bench import Contender, measure, pipeline_runner
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
@@ -149,11 +149,11 @@ def served_throughput(url: str, variant: str, params: SamplingParams, concurrenc
 
 def bench_variant(a: argparse.Namespace, url: str, variant: str, max_batch: int, params: SamplingParams) -> ServeRecord:
     pipe = apply_variant(variant, load_folder(a.model_dir).to(a.device))
-    runner = pipeline_runner(pipe, params)
-    common = {"variant": variant, "preset": pipe.config.name, "device": a.device, "num_classes": pipe.num_classes}
-    offline_1 = measure(runner, batch_size=1, runs=a.offline_runs, **common)
-    offline_b = measure(runner, batch_size=max_batch, runs=max(1, a.offline_runs // 2), **common)
-    del pipe, runner
+    one = [Contender(variant, pipeline_runner(pipe, params), pipe)]
+    common = {"preset": pipe.config.name, "device": a.device, "num_classes": pipe.num_classes}
+    offline_1 = measure(one, batch_size=1, runs=a.offline_runs, **common)[0]
+    offline_b = measure(one, batch_size=max_batch, runs=max(1, a.offline_runs // 2), **common)[0]
+    del pipe, one
     latency = served_latency(url, variant, params, a.requests)
     throughput, batch = served_throughput(url, variant, params, a.concurrency, a.load_requests)
     target = 1.05 * offline_1.seconds_per_batch + 0.015

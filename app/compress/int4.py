@@ -55,7 +55,7 @@ class Int4WeightLinear(nn.Module):
         b = self.bias if bias is None else bias
         return row_stable_linear(x.float(), unpack_int4(self.weight, self.weight_scale), b)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Loads a packed state dict (`weight`, `weight_scale`) or a float one (`weight`, packed here)."""
         w = state_dict.get(prefix + "weight")
         if w is not None and w.is_floating_point():

@@ -34,7 +34,7 @@ def study(model: Path, per_class: int, greedy_per_class: int, batch_size: int) -
             pipe = base
         else:
             int8 = LAYER_TYPES if layer_type == "all" else (layer_type,)
-            pipe = quantize_linears(copy.deepcopy(base), int8=int8, bf16=())
+            pipe = quantize_linears(copy.deepcopy(base), int8=int8, bf16=(), int4=())
         record, _ = evaluate_variant(f"int8:{layer_type}", pipe, prompts, a, features, reference, "main")
         record["greedy_agreement"] = [round(x, 4) for x in greedy_agreement(pipe, base, greedy, a.params.cfg, 50)]
         records.append(record)
