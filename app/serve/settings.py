@@ -16,7 +16,7 @@ class ServeSettings(BaseSettings):
 
     model_dir: Path = Field(default=Path("model_store/demo"), description="checkpoint folder to serve")
     variants: Annotated[list[str], NoDecode] = Field(
-        default=["baseline"], description="variants to load, e.g. baseline,bf16"
+        default=["baseline", "litevar"], description="variants to load, e.g. baseline,litevar,fastest"
     )
     default_variant: str = Field(default="", description="variant of requests that name none (empty: the first)")
     device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda:0...")

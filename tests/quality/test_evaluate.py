@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from app import evaluate
+from app import evaluate, plots
 from app.quality.evaluation import image_metrics, open_feature_network
 
 ROOT = Path(__file__).parents[2]
@@ -48,3 +48,19 @@ def test_any_feature_network_and_reference_file_can_be_given(tmp_path: Path) -> 
     _, ref_feats = features(reference)
     metrics = image_metrics(reference[:10].add(1).div(2), [0] * 10, features, ref_feats)
     assert metrics["class_accuracy"] is None and metrics["fid"] > 0
+
+
+def test_compressed_variants_are_judged_on_the_same_prompts_and_plotted(tmp_path: Path) -> None:
+    out, png = tmp_path / "eval.json", tmp_path / "quality.png"
+    argv = ["--model", str(ROOT / "model_store" / "demo"), "--variants", "baseline,litevar", "--images-per-class", "2"]
+    argv += ["--greedy-per-class", "1", "--json", str(out), "--out-dir", str(tmp_path), "--plot", str(png)]
+    assert evaluate.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [(r["variant"], r["images"]) for r in records] == [("baseline", 20), ("litevar", 20), ("baseline", 20)]
+    assert records[1]["greedy_agreement"][0] == 1.0  # the first scale's token is the class's, even in int8
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"variant": v, "batch_size": 8, "images_per_second": s} for v, s in
+                                 (("baseline", 30.0), ("litevar", 45.0))]))  # fmt: skip
+    assert plots.main([str(out), str(bench), str(tmp_path / "vs_bench.png")]) == 0
+    for p in (png, tmp_path / "vs_bench.png"):
+        assert p.read_bytes()[:4] == b"\x89PNG"

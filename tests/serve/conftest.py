@@ -42,7 +42,13 @@ def demo_pipeline(demo_folder: Path) -> VARPipeline:
 
 def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
     """Settings for tests: no warm-up unless asked (it is tested on its own), small limits."""
-    values: dict[str, Any] = {"model_dir": folder, "warmup": False, "max_batch_size": 4, "max_wait_ms": 0}
+    values: dict[str, Any] = {
+        "model_dir": folder,
+        "variants": ["baseline"],
+        "warmup": False,
+        "max_batch_size": 4,
+        "max_wait_ms": 0,
+    }
     return ServeSettings(**(values | overrides))
 
 

@@ -24,6 +24,7 @@ def test_settings_come_from_var_environment_variables(monkeypatch: pytest.Monkey
 def test_defaults_serve_the_demo_model_on_loopback() -> None:
     s = ServeSettings()
     assert (s.model_dir, s.host, s.port, s.default_variant) == (Path("model_store/demo"), "127.0.0.1", 8000, "baseline")
+    assert s.variants == ["baseline", "litevar"]  # the compressed variant beside the baseline
 
 
 @pytest.mark.parametrize(

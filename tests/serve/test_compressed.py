@@ -1,0 +1,50 @@
+"""The compressed variants served beside the baseline, on the trained demo model and its window plan."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from app.compress import apply_variant
+from app.model.checkpoint import load_folder
+from app.serve.encoding import encode_images
+from tests.serve.conftest import serve_settings, serving
+
+DEMO = Path("model_store/demo")
+
+
+def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
+    with serving(serve_settings(DEMO, variants=["baseline", "litevar", "fastest"])) as c:
+        m = c.get("/models").json()
+        by_name = {v["name"]: v for v in m["variants"]}
+        assert [p["name"] for p in by_name["litevar"]["passes"]] == [
+            "device_default_precision",
+            "windowed_attention",
+            "cfg_attention_sharing",
+            "quantize_linears",
+            "bf16_vqvae",
+        ]
+        assert by_name["fastest"]["passes"][-1] == {
+            "name": "guidance_off_last",
+            "options": {"scales": 1},
+            "summary": by_name["fastest"]["passes"][-1]["summary"],
+        }
+        base = by_name["baseline"]["weight_bytes"] + m["shared_weight_bytes"] * by_name["baseline"]["shares_vqvae"]
+        assert by_name["litevar"]["weight_bytes"] < 0.4 * base and not by_name["litevar"]["shares_vqvae"]
+        for variant in ("baseline", "litevar", "fastest"):
+            r = c.post("/generate", json={"class_name": "Sneaker", "seed": 5, "variant": variant})
+            assert r.status_code == 200 and r.json()["variant"] == variant
+
+
+def test_a_litevar_image_is_bitwise_the_same_batched_or_alone() -> None:
+    """int8 activations are quantized per token and the windows are fixed: nothing depends on the batch."""
+    bodies = [{"class_label": c, "seed": 40 + c, "variant": "litevar"} for c in (2, 7, 9)]
+    settings = serve_settings(DEMO, variants=["litevar"], max_batch_size=3, max_wait_ms=60_000)
+    with serving(settings) as c, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda b: c.post("/generate", json=b).json(), bodies))
+    alone_pipe = apply_variant("litevar", load_folder(DEMO))
+    for body, answer in zip(bodies, answers, strict=True):
+        assert answer["batch_sizes"] == [3]
+        alone = alone_pipe.generate([body["class_label"]], seeds=[body["seed"]])
+        assert base64.b64decode(answer["images"][0]["data"]) == encode_images(alone.images, "png")[0]
