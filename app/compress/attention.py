@@ -42,7 +42,7 @@ class Route:
 
     bias: torch.Tensor | None = None
     blocks: BlockMask | None = None
-    computed_pairs: int | None = None  # per head-summed row of the batch; None: every pair
+    computed_pairs: int | None = None  # (query, key) pairs computed for one row, all heads; None: every pair
 
     def pairs(self, step: ScaleStep, heads: int) -> int:
         return heads * step.num_tokens * step.end if self.computed_pairs is None else self.computed_pairs
