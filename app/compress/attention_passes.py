@@ -28,7 +28,8 @@ def window_plan(pipe: VARPipeline, settings: WindowSettings | None = None) -> Wi
         plan = WindowPlan.load(path)
         plan.check_fits(cfg.depth, cfg.num_heads, cfg.patch_nums)
         return plan
-    log.warning("no window plan at %s: calibrating one (python -m app.compress calibrate saves it)", path)
+    if settings is None:
+        log.warning("no window plan at %s: calibrating one (python -m app.compress calibrate saves it)", path)
     return calibrate(pipe, settings)
 
 

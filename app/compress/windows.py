@@ -17,15 +17,12 @@ authors' calibration, it does not mask while it measures: every decision sees th
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from app.model.kv_cache import ScaleStep, scale_steps
-
-log = logging.getLogger(__name__)
 
 FULL, DROP = -1, 0
 PLAN_FILE = "window_plan.safetensors"
