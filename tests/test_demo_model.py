@@ -16,9 +16,12 @@ STORE = Path(__file__).parents[1] / "model_store"
 
 def test_files_match_their_sha256_sums_and_fit_the_size_budget() -> None:
     folder = STORE / "demo"
+    listed = set()
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split("  ")
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+        listed.add(name)
+    assert listed == {p.name for p in folder.iterdir()} - {"SHA256SUMS"}  # every file is covered
     assert {"config.json", "var.safetensors", "vae.safetensors", "MODEL_CARD.md", "samples.png"} <= {
         p.name for p in folder.iterdir()
     }

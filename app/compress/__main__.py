@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from app.checksums import SUMS_FILE, write_sums
 from app.compress.calibrate import calibrate
 from app.compress.windows import PLAN_FILE, WindowSettings
 from app.model.checkpoint import load_folder
@@ -25,6 +26,8 @@ def calibrate_main(a: argparse.Namespace) -> int:
     plan = calibrate(pipe, settings)
     out = a.out or a.model / PLAN_FILE
     plan.save(out)
+    if (out.parent / SUMS_FILE).is_file():  # the folder's checksums cover the new plan too
+        write_sums(out.parent)
     print(f"{out}: {100 * plan.kept_fraction():.1f}% of (query, key) pairs kept; settings {settings}")
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from app.checksums import write_sums
 from app.fashion_mnist import DEFAULT_DIR, Split, load_split
 from app.model.checkpoint import build_models, read_state_dict
 from app.model.config import DEMO
@@ -21,7 +22,7 @@ from app.model.vqvae import VQVAE
 from app.quality.classifier import FashionClassifier, save_classifier
 from app.train.card import write_card
 from app.train.classifier_trainer import ClassifierTraining, accuracy, train_classifier
-from app.train.export import export_folder, save_weights, write_sums
+from app.train.export import export_folder, save_weights
 from app.train.loop import log, setup_logging
 from app.train.var_trainer import VARTraining, tokenize, train_var
 from app.train.vqvae_trainer import VQVAETraining, train_vqvae

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
+from app.checksums import write_sums
 from app.fashion_mnist import Split
 from app.model.checkpoint import load_folder
 from app.model.pipeline import VARPipeline
 from app.quality.classifier import load_classifier, predict
-from app.train.export import write_sums
 
 
 @torch.no_grad()

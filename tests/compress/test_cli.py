@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app.checksums import sha256
 from app.compress import apply_variant
 from app.compress.__main__ import main
 from app.compress.attention import PlannedAttention
@@ -28,6 +29,7 @@ def test_calibrate_saves_a_plan_that_the_windowed_variant_loads(model_dir: Path,
     args = ["calibrate", "--model", str(model_dir), "--tau", "0.7", "--batches", "1", "--batch-size", "3"]
     assert main(args) == 0
     plan = WindowPlan.load(model_dir / PLAN_FILE)
+    assert f"{sha256(model_dir / PLAN_FILE)}  {PLAN_FILE}" in (model_dir / "SHA256SUMS").read_text()
     assert plan.settings.tau == 0.7 and plan.settings.batch_size == 3
     assert f"{100 * plan.kept_fraction():.1f}%" in capsys.readouterr().out
     pipe = apply_variant("windows", load_folder(model_dir))
