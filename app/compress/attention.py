@@ -109,18 +109,17 @@ class PlannedAttention(nn.Module):
         B = q.shape[0] // 2
         if self.share_outputs:
             return self._attend(q[:B], k[:B], v[:B], route, scale).repeat(2, 1, 1, 1)
-        scores = (q[:B] @ k[:B].transpose(-1, -2)).mul_(scale)
-        if route.bias is not None:
-            scores += route.bias.to(scores.dtype)
-        p = scores.softmax(-1).unsqueeze(0)  # the conditional rows' probabilities, for both halves
+        p = _probs(q[:B], k[:B], route, scale).unsqueeze(0)  # the conditional rows', for both halves
         return (p @ v.unflatten(0, (2, B))).flatten(0, 1)
 
     @staticmethod
     def _attend(q, k, v, route: Route, scale: float) -> torch.Tensor:
         if route.blocks is not None:
             return _compiled_flex()(q, k, v, block_mask=route.blocks, scale=scale)
-        bias = None if route.bias is None else route.bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        if route.bias is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # masked: explicit, measured faster on CPU than SDPA with a mask (which drops to a slower kernel)
+        return _probs(q, k, route, scale) @ v
 
     # ---- accounting ----------------------------------------------------------------------------------
     def flops(self, step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
@@ -131,6 +130,14 @@ class PlannedAttention(nn.Module):
         if self.share_outputs:
             return rows * per_row  # the conditional half only, QK^T and PV
         return (rows // 2 + rows) * per_row  # QK^T for the conditional half, PV for all rows
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale), -inf outside the route's kept pairs."""
+    scores = (q @ k.transpose(-1, -2)).mul_(scale)
+    if route.bias is not None:
+        scores += route.bias.to(scores.dtype)
+    return scores.softmax(-1)
 
 
 def dense_flops(step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
