@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from app.model.blocks import DenseAttention
 from app.model.kv_cache import ScaleStep
 
 SPARSE_BLOCK = 32  # FlexAttention's block edge on both axes
@@ -79,7 +79,7 @@ def _block_sizes(n: int) -> torch.Tensor:
     return sizes
 
 
-class PlannedAttention(nn.Module):
+class PlannedAttention(DenseAttention):
     def __init__(self) -> None:
         super().__init__()
         self.routes: dict[int, Route] = {}  # query scale -> route; absent: dense
@@ -101,8 +101,8 @@ class PlannedAttention(nn.Module):
         attn_bias: torch.Tensor | None,
         step: ScaleStep | None,
     ) -> torch.Tensor:
-        if step is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+        if step is None:  # the teacher-forced path
+            return super().forward(q, k, v, scale=scale, attn_bias=attn_bias, step=step)
         route = self.routes.get(step.si, Route())
         if not self.shares(step, q.shape[0]):
             return self._attend(q, k, v, route, scale)

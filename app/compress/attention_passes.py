@@ -44,13 +44,13 @@ def windowed_attention(
     plan = plan or window_plan(pipe)
     if min_skipped is None:
         min_skipped = 0.25 if pipe.device.type == "cuda" else 0.5
+    windowed_steps = [step for step in pipe.steps if plan.windowed(step.si)]
     for layer, blk in enumerate(pipe.var.block_list):
         kernel = _planned(blk.attn)
-        for step in pipe.steps:
-            if plan.windowed(step.si):
-                kept = plan.kept(layer, step).to(pipe.device)
-                skip = min_skipped if step.num_tokens >= min_queries else 2.0  # 2.0: never sparse
-                kernel.routes[step.si] = route_for(kept, skip)
+        for step in windowed_steps:
+            kept = plan.kept(layer, step).to(pipe.device)
+            skip = min_skipped if step.num_tokens >= min_queries else 2.0  # 2.0: never sparse
+            kernel.routes[step.si] = route_for(kept, skip)
     return pipe
 
 

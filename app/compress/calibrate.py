@@ -6,10 +6,9 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from app.compress.windows import DROP, FULL, WindowPlan, WindowSettings, candidates, window
+from app.model.blocks import DenseAttention
 from app.model.kv_cache import ScaleStep, scale_steps
 from app.model.pipeline import VARPipeline
 
@@ -71,7 +70,7 @@ class AttentionMass:
         return self.widths[b][int(enough[0])] if len(enough) else FULL
 
 
-class RecordingAttention(nn.Module):
+class RecordingAttention(DenseAttention):
     """Dense attention that reports its probabilities at windowed query scales."""
 
     def __init__(self, layer: int, mass: AttentionMass):
@@ -80,7 +79,7 @@ class RecordingAttention(nn.Module):
 
     def forward(self, q, k, v, *, scale: float, attn_bias, step: ScaleStep | None) -> torch.Tensor:
         if step is None or step.si < self.mass.settings.dense_scales:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+            return super().forward(q, k, v, scale=scale, attn_bias=attn_bias, step=step)
         probs = (q @ k.transpose(-1, -2)).mul_(scale).softmax(-1)
         self.mass.add(self.layer, step, probs)
         return probs @ v

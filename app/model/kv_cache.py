@@ -60,8 +60,12 @@ class LayerKVCache:
 class KVCache:
     """Preallocated keys and values of every layer for `rows` sequences (2B with guidance)."""
 
-    def __init__(
-        self,
+    def __init__(self, layers: list[LayerKVCache]):
+        self.layers = layers
+
+    @classmethod
+    def allocate(
+        cls,
         num_layers: int,
         rows: int,
         num_heads: int,
@@ -69,7 +73,7 @@ class KVCache:
         patch_nums: tuple[int, ...],
         device: torch.device,
         dtype: torch.dtype,
-    ):
+    ) -> KVCache:
         seq_len = sum(pn * pn for pn in patch_nums)
         prefix_len = seq_len - patch_nums[-1] ** 2
         shape = (rows, num_heads, prefix_len, head_dim)
@@ -78,20 +82,20 @@ class KVCache:
             torch.empty(ws_shape, device=device, dtype=dtype),
             torch.empty(ws_shape, device=device, dtype=dtype),
         )
-        self.layers = [
-            LayerKVCache(
-                torch.empty(shape, device=device, dtype=dtype),
-                torch.empty(shape, device=device, dtype=dtype),
-                workspace,
-            )
-            for _ in range(num_layers)
-        ]
+        return cls(
+            [
+                LayerKVCache(
+                    torch.empty(shape, device=device, dtype=dtype),
+                    torch.empty(shape, device=device, dtype=dtype),
+                    workspace,
+                )
+                for _ in range(num_layers)
+            ]
+        )
 
     def first_rows(self, n: int) -> KVCache:
         """A view of the first n rows of every layer (the conditional half, once guidance stops)."""
-        view = object.__new__(KVCache)
-        view.layers = [LayerKVCache(c.k[:n], c.v[:n], (c.workspace[0][:n], c.workspace[1][:n])) for c in self.layers]
-        return view
+        return KVCache([LayerKVCache(c.k[:n], c.v[:n], (c.workspace[0][:n], c.workspace[1][:n])) for c in self.layers])
 
     def nbytes(self) -> int:
         first = self.layers[0]

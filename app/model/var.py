@@ -99,7 +99,7 @@ class VAR(nn.Module):
 
     def new_cache(self, rows: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
-        return KVCache(c.depth, rows, c.num_heads, c.embed_dim // c.num_heads, c.patch_nums, device, dtype)
+        return KVCache.allocate(c.depth, rows, c.num_heads, c.embed_dim // c.num_heads, c.patch_nums, device, dtype)
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) under the block-causal mask.
