@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
+from app.compress.compiled import compiled_step
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import bf16_vqvae, quantize_linears
 from app.model.pipeline import VARPipeline
@@ -52,6 +53,7 @@ VARIANTS: dict[str, list[Pass]] = {
     "w8a8": [device_default_precision, quantize_linears],
     "vqvae-bf16": [device_default_precision, bf16_vqvae],
     "guidance-off": [device_default_precision, functools.partial(guidance_off_last, scales=1)],
+    "compiled": [device_default_precision, compiled_step],
     # LiteVAR plus the passes beyond the paper that pay
     "fastest": [*LITEVAR, functools.partial(guidance_off_last, scales=1)],
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from app.model.config import PipelineConfig
-from app.model.kv_cache import ScaleStep, scale_steps
+from app.model.kv_cache import KVCache, ScaleStep, scale_steps
 from app.model.sampling import (
     NoiseSource,
     PerRowGenerators,
@@ -32,10 +32,12 @@ from app.model.sampling import (
     sample_tokens,
 )
 from app.model.timing import NULL_TIMER, StageTimer
-from app.model.var import VAR
+from app.model.var import VAR, Conditioning
 from app.model.vqvae import VQVAE
 
 LogitsObserver = Callable[[int, torch.Tensor], None]
+# One scale of the transformer: (tokens, conditioning, cache, step) -> logits; `VAR.step` or a compiled form
+StepFn = Callable[[torch.Tensor, Conditioning, KVCache, ScaleStep], torch.Tensor]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class VARPipeline:
         self.decode_dtype = decode_dtype  # VQVAE decoder weights/activations; None = float32
         self.source: Path | None = None  # the checkpoint folder, where files calibrated for it live
         self.guided_scales: int | None = None  # guidance on the first n scales only; None: every scale
+        # what runs one scale; a pass may replace it (a compiled form), so passes go after any deepcopy
+        self.step_fn: StepFn = var.step
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +158,7 @@ class VARPipeline:
             if not step.guided and cond.cond_BD.shape[0] == 2 * B:  # guidance stops: drop the unconditional rows
                 cond, cache = cond.first_rows(B), cache.first_rows(B)
             with timer.section(f"transformer.scale{step.si}"), self._autocast():
-                logits = var.step(x, cond, cache, step)
+                logits = self.step_fn(x, cond, cache, step)
             guided = guide(logits, rows.cfg, ratio) if step.guided else logits
             if on_guided_logits is not None:
                 on_guided_logits(step.si, guided.clone())
