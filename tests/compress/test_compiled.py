@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
-import torch
 
 from app.compress.attention_passes import windowed_attention
 from app.compress.compiled import compiled_step
@@ -15,6 +13,7 @@ from app.compress.windows import DROP, WindowPlan, WindowSettings
 from app.model.checkpoint import random_pipeline
 from app.model.config import PipelineConfig, VARConfig, VQVAEConfig
 from app.model.pipeline import VARPipeline
+from tests.spread_weights import spread_weights
 
 LABELS, SEEDS = [0, 3], [21, 22]
 
@@ -28,12 +27,7 @@ def small() -> VARPipeline:
         vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
     )
     pipe = random_pipeline(PipelineConfig("small", var, vqvae), seed=3)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # larger weights than the near-identity initialisation, so windows change tokens
-        for name, p in pipe.var.named_parameters():
-            std = 1 / math.sqrt(p.shape[-1]) if p.ndim == 2 and "emb" not in name else 0.3
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return pipe
+    return spread_weights(pipe, seed=4)
 
 
 def narrow_windows(pipe: VARPipeline) -> VARPipeline:

@@ -3,8 +3,6 @@ for configurations other than the shipped fixtures (depth, shared AdaLN, patch s
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from app.model.checkpoint import random_pipeline
 from app.model.config import PipelineConfig, VARConfig, VQVAEConfig
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
+from tests.spread_weights import spread_weights
 
 
 def _pipeline(shared_aln: bool, depth: int, patch_nums: tuple[int, ...], attn_l2_norm: bool = True) -> VARPipeline:
@@ -30,12 +29,7 @@ def _pipeline(shared_aln: bool, depth: int, patch_nums: tuple[int, ...], attn_l2
         VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=patch_nums),
     )
     pipe = random_pipeline(cfg, seed=3)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # larger weights than the near-identity official init, so the test has teeth
-        for name, p in pipe.var.named_parameters():
-            std = 1 / math.sqrt(p.shape[-1]) if p.ndim == 2 and "emb" not in name else 0.3
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return pipe
+    return spread_weights(pipe, seed=4)
 
 
 @pytest.mark.parametrize(
