@@ -53,6 +53,8 @@ VARIANTS: dict[str, list[Pass]] = {
     "w8a8": [device_default_precision, quantize_linears],
     "vqvae-bf16": [device_default_precision, bf16_vqvae],
     "guidance-off": [device_default_precision, functools.partial(guidance_off_last, scales=1)],
+    # the paper's attention passes together, weights unquantized: the attention share against quality
+    "litevar-float": [device_default_precision, windowed_attention, cfg_attention_sharing],
     "compiled": [device_default_precision, compiled_step],
     # LiteVAR plus the passes beyond the paper that pay
     "fastest": [*LITEVAR, functools.partial(guidance_off_last, scales=1)],

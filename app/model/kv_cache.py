@@ -94,8 +94,12 @@ class KVCache:
         )
 
     def first_rows(self, n: int) -> KVCache:
-        """A view of the first n rows of every layer (the conditional half, once guidance stops)."""
-        return KVCache([LayerKVCache(c.k[:n], c.v[:n], (c.workspace[0][:n], c.workspace[1][:n])) for c in self.layers])
+        """A view of the first n rows of every layer (the conditional half, once guidance stops). The layers
+        keep sharing one workspace view: distinct views of one buffer would be aliased inputs to a compiled
+        step, which Inductor's runtime size checks reject."""
+        wk, wv = self.layers[0].workspace
+        workspace = (wk[:n], wv[:n])
+        return KVCache([LayerKVCache(c.k[:n], c.v[:n], workspace) for c in self.layers])
 
     def nbytes(self) -> int:
         first = self.layers[0]

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from app.compress.attention_passes import windowed_attention
+from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
 from app.compress.compiled import compiled_step
+from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
 from app.compress.windows import DROP, WindowPlan, WindowSettings
 from app.model.checkpoint import random_pipeline
@@ -20,9 +21,10 @@ LABELS, SEEDS = [0, 3], [21, 22]
 
 @pytest.fixture(scope="module")
 def small() -> VARPipeline:
-    """Three scales, one block, a 16x16 decoder: compiling it takes seconds, not minutes, on 2 cores."""
+    """Three scales, two blocks (they share the last scale's workspace), a 16x16 decoder: compiling it
+    takes seconds, not minutes, on 2 cores."""
     pn = (1, 2, 4)
-    var = VARConfig(depth=1, embed_dim=128, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
+    var = VARConfig(depth=2, embed_dim=128, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
     vqvae = VQVAEConfig(
         vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
     )
@@ -48,8 +50,9 @@ def assert_same_generation(eager: VARPipeline, compiled: VARPipeline, labels: li
 
 
 def test_compiled_pipelines_match_their_eager_twins_side_by_side(small: VARPipeline) -> None:
-    """Two differently compressed pipelines compiled in one process: each must run its own graphs (Dynamo's
-    cache is shared by the code object; a guard filter that skips module guards fails this test)."""
+    """Two differently compressed pipelines compiled in one process: each must run its own graphs. Dynamo
+    keeps its cache on the code object and the pass skips module guards, so without a code object per
+    pipeline the second one runs the first one's graphs and this test fails (checked)."""
     plain, windowed = copy.deepcopy(small), narrow_windows(copy.deepcopy(small))
     plain_c, windowed_c = compiled_step(copy.deepcopy(plain)), compiled_step(copy.deepcopy(windowed))
     keys = set(small.var.state_dict())
@@ -58,6 +61,13 @@ def test_compiled_pipelines_match_their_eager_twins_side_by_side(small: VARPipel
     for eager, compiled in ((plain, plain_c), (windowed, windowed_c)):
         assert_same_generation(eager, compiled, LABELS, SEEDS)
     assert_same_generation(plain, plain_c, [1, 2, 3], [5, 6, 7])  # a new batch size recompiles with its own graphs
+
+
+def test_compiled_guidance_off_and_sharing_match_eager(small: VARPipeline) -> None:
+    """Guidance off at the last scale halves the rows (the cache becomes a view of its first rows) and
+    sharing reads the conditional rows' probabilities: both must trace to the eager tokens."""
+    eager = cfg_attention_sharing(guidance_off_last(narrow_windows(copy.deepcopy(small)), scales=1))
+    assert_same_generation(eager, compiled_step(copy.deepcopy(eager)), LABELS, SEEDS)
 
 
 def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline) -> None:
