@@ -44,8 +44,8 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _compile(method: Callable[..., Any]) -> Callable[..., Any]:
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    return torch.compile(own_code(method), options=options)
+    guards: Callable[..., Any] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    return torch.compile(own_code(method), options={"guard_filter_fn": guards})
 
 
 def compiled_step(pipe: VARPipeline) -> VARPipeline:
