@@ -93,8 +93,11 @@ def describe_passes(variant: str) -> list[dict[str, Any]]:
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Same module types and bitwise-equal tensors of the same dtypes."""
+    """Same module types, bitwise-equal tensors of the same dtypes, and no `forward` replaced on an instance
+    (a compiled one, which sharing would drop)."""
     if [type(m) for m in a.modules()] != [type(m) for m in b.modules()]:
+        return False
+    if any("forward" in vars(m) for m in (*a.modules(), *b.modules())):
         return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)

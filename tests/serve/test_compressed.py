@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import base64
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from app.compress import apply_variant
+from app.compress.compiled import compiled_step
 from app.model.checkpoint import load_folder
 from app.serve.encoding import encode_images
+from app.serve.models import same_weights
 from tests.serve.conftest import serve_settings, serving
 
 DEMO = Path("model_store/demo")
 
 
 def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
-    with serving(serve_settings(DEMO, variants=["baseline", "litevar", "fastest"])) as c:
+    with serving(serve_settings(DEMO, variants=["baseline", "litevar", "fastest-int8"])) as c:
         m = c.get("/models").json()
         by_name = {v["name"]: v for v in m["variants"]}
         assert [p["name"] for p in by_name["litevar"]["passes"]] == [
@@ -25,14 +28,14 @@ def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
             "quantize_linears",
             "bf16_vqvae",
         ]
-        assert by_name["fastest"]["passes"][-1] == {
+        assert by_name["fastest-int8"]["passes"][-1] == {
             "name": "guidance_off_last",
             "options": {"scales": 1},
-            "summary": by_name["fastest"]["passes"][-1]["summary"],
+            "summary": by_name["fastest-int8"]["passes"][-1]["summary"],
         }
         base = by_name["baseline"]["weight_bytes"] + m["shared_weight_bytes"] * by_name["baseline"]["shares_vqvae"]
         assert by_name["litevar"]["weight_bytes"] < 0.4 * base and not by_name["litevar"]["shares_vqvae"]
-        for variant in ("baseline", "litevar", "fastest"):
+        for variant in ("baseline", "litevar", "fastest-int8"):
             r = c.post("/generate", json={"class_name": "Sneaker", "seed": 5, "variant": variant})
             assert r.status_code == 200 and r.json()["variant"] == variant
 
@@ -48,3 +51,11 @@ def test_a_litevar_image_is_bitwise_the_same_batched_or_alone() -> None:
         assert answer["batch_sizes"] == [3]
         alone = alone_pipe.generate([body["class_label"]], seeds=[body["seed"]])
         assert base64.b64decode(answer["images"][0]["data"]) == encode_images(alone.images, "png")[0]
+
+
+def test_a_compiled_vqvae_is_never_swapped_for_the_shared_one() -> None:
+    """Variants share the baseline's VQVAE when theirs is unchanged; a compiled decoder has the same weights
+    but must keep its compiled forward."""
+    base = load_folder(DEMO)
+    assert same_weights(copy.deepcopy(base).vqvae, base.vqvae)
+    assert not same_weights(compiled_step(copy.deepcopy(base)).vqvae, base.vqvae)
