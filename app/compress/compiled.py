@@ -38,9 +38,9 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
     """`method` (bound) as a new function over a copy of its code object: Dynamo's cache is then its own."""
     assert isinstance(method, types.MethodType)
     f = method.__func__
-    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    copy.__kwdefaults__ = f.__kwdefaults__
-    return types.MethodType(copy, method.__self__)
+    twin = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    twin.__kwdefaults__ = f.__kwdefaults__
+    return types.MethodType(twin, method.__self__)
 
 
 def _compile(method: Callable[..., Any]) -> Callable[..., Any]:

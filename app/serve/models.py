@@ -70,7 +70,7 @@ def load_model(folder: Path, variant_names: Sequence[str], device: torch.device)
     shared = False
     for name in variant_names:
         pipe = apply_variant(name, copy.deepcopy(base))
-        shares = same_weights(pipe.vqvae, base.vqvae)
+        shares = interchangeable(pipe.vqvae, base.vqvae)
         if shares:
             pipe.vqvae = base.vqvae  # the copy is dropped
             shared = True
@@ -92,9 +92,9 @@ def describe_passes(variant: str) -> list[dict[str, Any]]:
     return out
 
 
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Same module types, bitwise-equal tensors of the same dtypes, and no `forward` replaced on an instance
-    (a compiled one, which sharing would drop)."""
+def interchangeable(a: nn.Module, b: nn.Module) -> bool:
+    """Whether one module can stand in for the other: same module types, bitwise-equal tensors of the same
+    dtypes, and no `forward` replaced on an instance (a compiled one, which sharing would drop)."""
     if [type(m) for m in a.modules()] != [type(m) for m in b.modules()]:
         return False
     if any("forward" in vars(m) for m in (*a.modules(), *b.modules())):
