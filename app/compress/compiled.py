@@ -55,7 +55,8 @@ def compiled_step(pipe: VARPipeline) -> VARPipeline:
     graphs = GRAPHS_PER_SCALE * len(pipe.config.var.patch_nums)
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)  # counted per code object
-    dynamo.accumulated_recompile_limit += graphs + GRAPHS_PER_SCALE  # counted over the process
+    # counted over the process: this pipeline's step graphs, plus a few for its decoder
+    dynamo.accumulated_recompile_limit += graphs + GRAPHS_PER_SCALE
     pipe.step_fn = _compile(pipe.var.step)
     pipe.vqvae.decoder.forward = _compile(pipe.vqvae.decoder.forward)  # type: ignore[method-assign]
     return pipe
