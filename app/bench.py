@@ -2,8 +2,10 @@
 
 For each (variant, batch size): one warm-up call, then `--runs` timed calls; medians per stage
 (transformer per scale, sampling, latent update, VQVAE decode), images per second, peak RSS, and the
-speed-up over the first variant. `--official-src DIR` adds the official VAR code (a local checkout of
-FoundationVision/VAR, never part of this project) as a variant running on the very same weights.
+speed-up over the first variant. Before each round a float32 GEMM probe records how fast the machine is
+at that moment (GFLOP/s), so absolute times from a shared, noisy machine come with its state.
+`--official-src DIR` adds the official VAR code (a local checkout of FoundationVision/VAR, never part of
+this project) as a variant running on the very same weights.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -57,6 +60,8 @@ class BenchRecord:
     attention_share: float | None = None  # attention_flops over the baseline's
     speedup_vs_baseline: float | None = None
     threads: int = 0
+    machine_gflops: float | None = None  # median of the GEMM probe over the rounds (CPU only)
+    machine_gflops_all: list[float] = field(default_factory=list)
     torch_version: str = torch.__version__
 
 
@@ -69,6 +74,23 @@ def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
         return stages
 
     return run
+
+
+PROBE_SIZE = 512  # a 512^3 float32 matmul: about 2 ms on 2 AVX2 cores, fast enough to run every round
+
+
+def machine_gflops(device: str) -> float | None:
+    """Float32 GEMM throughput right now (best of 3), or None off the CPU. Other tenants of a shared machine
+    slow it down by up to 2x within an hour; this figure says which state a run's times come from."""
+    if device != "cpu":
+        return None
+    a, b = torch.randn(PROBE_SIZE, PROBE_SIZE), torch.randn(PROBE_SIZE, PROBE_SIZE)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * PROBE_SIZE**3 / best / 1e9
 
 
 def bench_labels(batch_size: int, num_classes: int) -> list[int]:
@@ -105,20 +127,23 @@ def measure(contenders: list[Contender], *, preset: str, device: str, batch_size
     for c in contenders:
         c.runner(labels, 0)  # warm-up: allocator, kernels, compilation, page-in of weights
     samples = {c.name: Samples() for c in contenders}
+    probe: list[float] = []
     for r in range(runs):
+        if (gflops := machine_gflops(device)) is not None:
+            probe.append(gflops)
         for c in contenders:
             samples[c.name].time(c.runner, labels, 1000 * (r + 1), device)
-    return [_record(c.name, samples[c.name], preset, device, batch_size, runs) for c in contenders]
+    return [_record(c.name, samples[c.name], preset, device, batch_size, probe) for c in contenders]
 
 
-def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, runs: int) -> BenchRecord:
+def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, probe: list[float]) -> BenchRecord:
     median = statistics.median(s.totals)
     return BenchRecord(
         variant=variant,
         preset=preset,
         device=device,
         batch_size=batch_size,
-        runs=runs,
+        runs=len(s.totals),
         seconds_per_batch=median,
         seconds_per_batch_all=s.totals,
         images_per_second=batch_size / median,
@@ -127,6 +152,8 @@ def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int,
         peak_gpu_bytes=s.peak_gpu,
         stages={k: statistics.median(st.get(k, 0.0) for st in s.stages) for k in s.stages[0]},
         threads=torch.get_num_threads(),
+        machine_gflops=statistics.median(probe) if probe else None,
+        machine_gflops_all=probe,
     )
 
 
@@ -163,6 +190,12 @@ def print_table(records: list[BenchRecord], reference: str) -> None:
         "minus RSS before them, i.e. without the resident weights; weights: as stored by the variant; attn GFLOP: "
         "QK^T and PV computed per batch; share: of the reference's)"
     )
+    probes = [r.machine_gflops for r in records if r.machine_gflops is not None]
+    if probes:
+        print(
+            f"machine: float32 GEMM probe {min(probes):.0f}-{max(probes):.0f} GFLOP/s over the batch sizes "
+            "(median of the rounds; lower means a busier machine)"
+        )
 
 
 def measure_load_seconds(pipe: VARPipeline) -> float:

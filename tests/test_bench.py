@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from app.bench import main
+from app.bench import PROBE_SIZE, machine_gflops, main
 
 REQUIRED = {
     "variant",
@@ -54,9 +56,25 @@ def test_bench_writes_one_record_per_variant_and_batch_size(tmp_path: Path, caps
         assert r["seconds_per_batch"] > 0 and r["peak_rss_bytes"] > 0
         assert r["images_per_second"] == pytest.approx(r["batch_size"] / r["seconds_per_batch"])
         assert {"transformer.scale0", "transformer.scale9", "transformer", "sampling", "decode"} <= r["stages"].keys()
+        assert len(r["machine_gflops_all"]) == r["runs"] == 1 and r["machine_gflops"] > 0
     assert records[0]["speedup_vs_baseline"] == 1.0
     table = capsys.readouterr().out
-    assert "baseline" in table and "bf16" in table
+    assert "baseline" in table and "bf16" in table and "GFLOP/s" in table
+
+
+def test_machine_probe_measures_gemm_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = machine_gflops("cpu")
+    assert fast is not None and 0.1 < fast < 1e5  # anything from a tiny VM to a large server
+    assert machine_gflops("cuda") is None
+    real_mm = torch.mm
+
+    def slow_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a machine 50 ms slower per probe GEMM
+        time.sleep(0.05)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", slow_mm)
+    slow = machine_gflops("cpu")
+    assert slow is not None and slow < 2 * PROBE_SIZE**3 / 0.05 / 1e9 < fast
 
 
 def test_unknown_variant_is_refused() -> None:
