@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
-from app.compress.compiled import compiled_step
+from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import bf16_vqvae, quantize_linears
 from app.model.pipeline import VARPipeline
@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[Pass]] = {
     # the paper's attention passes together, weights unquantized: the attention share against quality
     "litevar-float": [device_default_precision, windowed_attention, cfg_attention_sharing],
     "compiled": [device_default_precision, compiled_step],
+    # compiled with frozen weights and autotuned GEMMs: the fastest float32 pipeline on CPU, slow to warm up
+    "autotuned": [device_default_precision, autotuned_step],
     # the passes that pay most on the demo model: LiteVAR's attention passes, guidance off for the last
     # scale, everything compiled; float weights, since fbgemm's int8 layers cannot be compiled (README)
     "fastest": [

@@ -1,13 +1,15 @@
-"""compiled_step: the compiled step and decoder reproduce the eager pipeline, per pipeline, in one process."""
+"""compiled_step and autotuned_step: the compiled step and decoder reproduce the eager pipeline, per pipeline,
+in one process."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+from torch._dynamo.utils import counters
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
-from app.compress.compiled import compiled_step
+from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
 from app.compress.windows import DROP, WindowPlan, WindowSettings
@@ -74,3 +76,20 @@ def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline) -> None:
     quantized = quantize_linears(copy.deepcopy(small))
     with pytest.raises(ValueError, match="fbgemm"):
         compiled_step(quantized)
+
+
+def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(small: VARPipeline) -> None:
+    """The settings must reach Dynamo's tracing: given as compile options only, nothing is frozen and no
+    GEMM is autotuned (checked), so the counters below would stay at zero."""
+    before = dict(counters["inductor"])
+    eager, tuned = copy.deepcopy(small), autotuned_step(copy.deepcopy(small))
+    assert_same_generation(eager, tuned, LABELS, SEEDS)
+    frozen = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before.get(
+        "mkldnn_linear_weight_pack_matcher_count", 0
+    )
+    assert frozen > 0, "no linear layer was frozen into the graphs"
+    assert counters["inductor"]["select_algorithm_autotune"] > before.get("select_algorithm_autotune", 0)
+    together = tuned.generate([0, 3, 7], seeds=[21, 22, 23]).tokens
+    alone = tuned.generate([7], seeds=[23]).tokens
+    for si, (t3, t1) in enumerate(zip(together, alone, strict=True)):
+        assert t3[2].equal(t1[0]), f"scale {si}: an image depends on its batch"
