@@ -19,13 +19,15 @@ own graphs, and the module guards are skipped. So a pass must never change a mod
 fbgemm's packed int8 weights are opaque to the compiler: every int8 linear splits the graph (measured
 0.65x of eager on the demo model), so the pass refuses a pipeline that holds them.
 
-`autotuned_step` goes further for float32 on the CPU: the step's weights are frozen into its graphs as constants
-and Inductor times, per GEMM shape, MKL against oneDNN's pre-packed linear and its own generated C++
-GEMM, keeping the fastest. At the demo model's 16 to 128 rows per scale MKL is the slowest of them.
-Measured against `compiled` in turns on the demo model at batch 1: 0.85x to 0.89x of its time in three
-runs. The price is compile time: a few minutes on 2 cores for the first batch sizes. Tokens match the
-eager pipeline on the demo model and stay independent of the batch (tested): the kernels chosen are
-row-invariant, and the row padding of small GEMMs is kept.
+`autotuned_step` goes further for float32 on the CPU: the step's weights are frozen into its graphs as
+constants and Inductor times, per GEMM shape, MKL against oneDNN's pre-packed linear and its own generated
+C++ GEMM, keeping the fastest. At the demo model's 16 to 32 rows per scale MKL was the slowest of them in
+isolation. Against `compiled` in turns on the demo model at batch 1: 0.85x to 0.89x of its time in four
+runs (README). The price is compile time: minutes on 2 cores for the first batch sizes. The price in
+exactness: the kernels chosen round differently from MKL's, and may differ between a graph for one batch
+size and another, so tokens match the eager pipeline and an image's tokens match across batch sizes only
+as far as tested (40 demo images at batch sizes 1, 2, 3, 5 and 8 ad hoc; the test model in the tests),
+not by construction as with `compiled_step`.
 """
 
 from __future__ import annotations
