@@ -78,7 +78,13 @@ def compiled_step(pipe: VARPipeline) -> VARPipeline:
 def autotuned_step(pipe: VARPipeline) -> VARPipeline:
     """The step autotuned; the decoder as in `compiled_step` (it has no GEMMs to tune)."""
     backends = "CPP,ATEN" if pipe.device.type == "cpu" else "TRITON,ATEN"
-    settings = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": backends}
+    settings = {
+        "freezing": True,
+        "max_autotune": True,
+        "max_autotune_gemm_backends": backends,
+        "autotune_num_choices_displayed": 0,  # its tables go to stderr, into the server's log, otherwise
+        "max_autotune_report_choices_stats": False,
+    }
     return _install(pipe, _compile, step_compile=lambda method: _under(settings, _compile(method)))
 
 

@@ -78,9 +78,11 @@ def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline) -> None:
         compiled_step(quantized)
 
 
-def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(small: VARPipeline) -> None:
+def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(
+    small: VARPipeline, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The settings must reach Dynamo's tracing: given as compile options only, nothing is frozen and no
-    GEMM is autotuned (checked), so the counters below would stay at zero."""
+    GEMM is autotuned (checked), so the counters below would stay at zero. Autotuning stays out of the log."""
     before = dict(counters["inductor"])
     eager, tuned = copy.deepcopy(small), autotuned_step(copy.deepcopy(small))
     assert_same_generation(eager, tuned, LABELS, SEEDS)
@@ -93,3 +95,4 @@ def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(
     alone = tuned.generate([7], seeds=[23]).tokens
     for si, (t3, t1) in enumerate(zip(together, alone, strict=True)):
         assert t3[2].equal(t1[0]), f"scale {si}: an image depends on its batch"
+    assert "AUTOTUNE" not in capfd.readouterr().err
