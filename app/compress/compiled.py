@@ -85,13 +85,10 @@ def autotuned_step(pipe: VARPipeline) -> VARPipeline:
         "autotune_num_choices_displayed": 0,  # its tables go to stderr, into the server's log, otherwise
         "max_autotune_report_choices_stats": False,
     }
-    return _install(pipe, _compile, step_compile=lambda method: _under(settings, _compile(method)))
+    return _install(pipe, lambda method: _under(settings, _compile(method)))
 
 
-Compile = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _install(pipe: VARPipeline, compile_fn: Compile, step_compile: Compile | None = None) -> VARPipeline:
+def _install(pipe: VARPipeline, compile_step: Callable[[Callable[..., Any]], Callable[..., Any]]) -> VARPipeline:
     packed = [n for n, m in pipe.var.named_modules() if isinstance(m, Int8Linear) and m.packed_bytes]
     if packed:
         raise ValueError(f"compiled_step cannot trace fbgemm's packed int8 layers ({len(packed)}, e.g. {packed[0]})")
@@ -100,6 +97,6 @@ def _install(pipe: VARPipeline, compile_fn: Compile, step_compile: Compile | Non
     dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)  # counted per code object
     # counted over the process: this pipeline's step graphs, plus a few for its decoder
     dynamo.accumulated_recompile_limit += graphs + GRAPHS_PER_SCALE
-    pipe.step_fn = (step_compile or compile_fn)(pipe.var.step)
-    pipe.vqvae.decoder.forward = compile_fn(pipe.vqvae.decoder.forward)  # type: ignore[method-assign]
+    pipe.step_fn = compile_step(pipe.var.step)
+    pipe.vqvae.decoder.forward = _compile(pipe.vqvae.decoder.forward)  # type: ignore[method-assign]
     return pipe
