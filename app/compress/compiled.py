@@ -91,7 +91,7 @@ def autotuned_step(pipe: VARPipeline) -> VARPipeline:
 def _install(pipe: VARPipeline, compile_step: Callable[[Callable[..., Any]], Callable[..., Any]]) -> VARPipeline:
     packed = [n for n, m in pipe.var.named_modules() if isinstance(m, Int8Linear) and m.packed_bytes]
     if packed:
-        raise ValueError(f"compiled_step cannot trace fbgemm's packed int8 layers ({len(packed)}, e.g. {packed[0]})")
+        raise ValueError(f"compiling cannot trace fbgemm's packed int8 layers ({len(packed)}, e.g. {packed[0]})")
     graphs = GRAPHS_PER_SCALE * len(pipe.config.var.patch_nums)
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)  # counted per code object

@@ -20,6 +20,7 @@ from app.model.pipeline import VARPipeline
 from tests.spread_weights import spread_weights
 
 LABELS, SEEDS = [0, 3], [21, 22]
+COLD_INDUCTOR = {"fx_graph_cache": False, "autotune_local_cache": False}  # nothing reused from earlier runs
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +89,14 @@ def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(
     the log."""
     before = dict(counters["inductor"])
     eager, tuned = copy.deepcopy(small), autotuned_step(copy.deepcopy(small))
-    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+    with torch._inductor.config.patch(COLD_INDUCTOR):
         assert_same_generation(eager, tuned, LABELS, SEEDS)
     frozen = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before.get(
         "mkldnn_linear_weight_pack_matcher_count", 0
     )
     assert frozen > 0, "no linear layer was frozen into the graphs"
     assert counters["inductor"]["select_algorithm_autotune"] > before.get("select_algorithm_autotune", 0)
-    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+    with torch._inductor.config.patch(COLD_INDUCTOR):
         together = tuned.generate([0, 3, 7], seeds=[21, 22, 23]).tokens
         alone = tuned.generate([7], seeds=[23]).tokens
     for si, (t3, t1) in enumerate(zip(together, alone, strict=True)):
