@@ -3,10 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests need: Fashion-MNIST (the demo model's data and quality reference) and headless
+# Chromium with its driver (the playground page test). The server needs none of them.
+DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
-.PHONY: install test lint typecheck pytest conformance bench serve clean demo-model demo-classifier evaluate
+.PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
+	evaluate
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,10 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Fashion-MNIST (train/evaluate the demo model and their tests; the server never needs it)
-$(FASHION_MNIST):
-	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+# installs only the missing ones (a dpkg query when none is)
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests
@@ -27,14 +34,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP) $(FASHION_MNIST)
+pytest: $(STAMP) debian-packages
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
 
 conformance: $(STAMP)
-	$(PY) -m app.conformance tests/data/var_official_tiny
-	$(PY) -m app.conformance tests/data/var_official_shared_aln
+	$(PY) -m app conformance tests/data/var_official_tiny
+	$(PY) -m app conformance tests/data/var_official_shared_aln
 
 bench: $(STAMP)
 	$(PY) -m app.bench $(BENCH_ARGS)
@@ -44,20 +51,20 @@ serve: $(STAMP)
 	$(PY) -m app.serve
 
 # The quality judge: a CNN on the Fashion-MNIST train split (a few minutes).
-demo-classifier: $(STAMP) $(FASHION_MNIST)
+demo-classifier: $(STAMP) debian-packages
 	$(PY) -m app.train classifier
 
 # The embedded demo model from scratch (resumable; about 1.5 h on 2 cores), then its evaluation and card.
 DEMO_EVAL := --images-per-class 200 --variants baseline
-demo-model: $(STAMP) $(FASHION_MNIST)
+demo-model: $(STAMP) debian-packages
 	$(PY) -m app.train demo
-	$(PY) -m app.evaluate --model model_store/demo $(DEMO_EVAL) --json runs/demo/eval.json --out-dir runs/demo/eval
-	$(PY) -m app.evaluate --model runs/demo/early --label early $(DEMO_EVAL) --json runs/demo/eval_early.json \
+	$(PY) -m app evaluate --model model_store/demo $(DEMO_EVAL) --json runs/demo/eval.json --out-dir runs/demo/eval
+	$(PY) -m app evaluate --model runs/demo/early --label early $(DEMO_EVAL) --json runs/demo/eval_early.json \
 		--out-dir runs/demo/eval
 	$(PY) -m app.train card
 
-evaluate: $(STAMP) $(FASHION_MNIST)
-	$(PY) -m app.evaluate $(EVAL_ARGS)
+evaluate: $(STAMP) debian-packages
+	$(PY) -m app evaluate $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

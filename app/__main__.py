@@ -1,74 +1,27 @@
-"""`python -m app generate ...`: generate images from the command line and show where the time went."""
+"""`python -m app <tool> ...`: generate, evaluate, conformance or sensitivity (`--help` after a tool's name)."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
-import time
-from pathlib import Path
 
-import torch
-
-from app.compress import VARIANTS, apply_variant
-from app.images import grid
-from app.model.checkpoint import open_pipeline
-from app.model.config import PRESETS
-from app.model.sampling import SamplingParams
-from app.model.timing import StageTimer
-
-
-def add_model_args(ap: argparse.ArgumentParser, default_preset: str | None = None) -> None:
-    ap.add_argument("--checkpoint", type=Path, help="checkpoint folder (released var_d*.pth + vae_*.pth, or ours)")
-    ap.add_argument("--preset", choices=list(PRESETS), default=default_preset, help="model shape for --random-init")
-    ap.add_argument("--random-init", action="store_true", help="random weights: shape-only runs")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-
-
-def generate_command(a: argparse.Namespace) -> int:
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    pipe = apply_variant(a.variant, open_pipeline(a.checkpoint, a.preset, a.random_init).to(a.device))
-    load_s = time.perf_counter() - t0
-    params = SamplingParams(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, more_smooth=a.more_smooth)
-    labels = [a.class_label] * a.num_images
-    seeds = [a.seed + i for i in range(a.num_images)]
-    timer = StageTimer(pipe.device)
-    t0 = time.perf_counter()
-    gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
-    total_s = time.perf_counter() - t0
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    grid(gen.images, columns=min(a.num_images, 8)).save(a.out)
-    print(f"wrote {a.out} ({a.num_images} image(s), class {a.class_label}, seeds {seeds[0]}..{seeds[-1]})")
-    print(f"model load + variant {a.variant!r}: {load_s:.2f} s on {pipe.device}")
-    print(f"generation: {total_s:.3f} s")
-    print(f"  transformer {timer.total('transformer.'):.3f} s")
-    for k, v in timer.seconds.items():
-        print(f"    {k:<22} {v:.3f} s" if k.startswith("transformer") else f"  {k:<24} {v:.3f} s")
-    return 0
+TOOLS = {
+    "generate": "generate images of one class as a PNG grid and show where the time went",
+    "evaluate": "image quality of variants on the same (class, seed) list",
+    "conformance": "check the model against outputs of the official VAR code",
+    "sensitivity": "quality with one layer type at a time in int8",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app")
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images of one class and save them as a PNG grid")
-    add_model_args(g)
-    g.add_argument("--class", dest="class_label", type=int, required=True)
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--cfg", type=float, default=1.5)
-    g.add_argument("--top-k", type=int, default=900)
-    g.add_argument("--top-p", type=float, default=0.96)
-    g.add_argument("--more-smooth", action="store_true")
-    g.add_argument("--variant", choices=list(VARIANTS), default="baseline")
-    g.add_argument("--out", type=Path, default=Path("out.png"))
-    a = ap.parse_args(argv)
-    try:
-        return generate_command(a)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in TOOLS:
+        lines = "\n".join(f"  {name:<12} {summary}" for name, summary in TOOLS.items())
+        print(f"usage: python -m app <tool> [--help]\n\ntools:\n{lines}", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    tool = importlib.import_module(f"app.tools.{argv[0]}")  # one tool's imports, not all of them
+    result: int = tool.main(argv[1:])
+    return result
 
 
 if __name__ == "__main__":

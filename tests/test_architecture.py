@@ -49,3 +49,55 @@ def test_engine_batching_and_model_loading_import_no_web_framework() -> None:
 def test_only_the_composition_root_and_service_read_settings() -> None:
     readers = {p.name for p in SERVE.glob("*.py") if "app.serve.settings" in _imports(p)}
     assert readers == {"app.py", "service.py", "__main__.py"}
+
+
+def _app_modules() -> dict[str, Path]:
+    """Every module of the app by dotted name (a package by its `__init__`)."""
+    modules = {}
+    for path in APP.rglob("*.py"):
+        parts = path.relative_to(APP.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _app_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The app modules `path` imports anywhere in it (`from app.x import y` counts `app.x.y` when a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in modules:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            found |= subs or {node.module}
+    return found
+
+
+def test_no_import_cycle_between_app_modules() -> None:
+    modules = _app_modules()
+    graph = {name: _app_imports(path, modules) - {name} for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join([*trail[trail.index(name) :], name])}"
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, [*trail, name])
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_the_product_imports_no_tool() -> None:
+    """Tools (app.tools, app.bench, app.train) sit beside the product and are never imported by it."""
+    tools = ("app.tools", "app.bench", "app.train")
+    for pkg in ("model", "compress", "quality", "serve"):
+        for path in (APP / pkg).rglob("*.py"):
+            found = {n for n in _imports(path) if n.startswith(tools)}
+            assert not found, f"{path.relative_to(APP)} imports {found}"
+
+
+def test_compression_imports_only_the_model_and_itself() -> None:
+    for path in (APP / "compress").glob("*.py"):
+        found = {n for n in _imports(path) if n.startswith("app.") and not n.startswith(("app.model", "app.compress"))}
+        assert not found, f"{path.name} imports {found}"

@@ -9,14 +9,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from app.quality.classifier import load_classifier, predict
+from app.quality.fashion_mnist import load_split
 from app.quality.metrics import fid, precision_recall
+
+NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the second seed list: far from the first, same classes
 
 
 class FeatureNetwork(Protocol):
@@ -106,3 +109,47 @@ def greedy_agreement(
         for si, (ta, tb) in enumerate(zip(a, b, strict=True)):
             same[si] += float((ta == tb).float().mean()) * len(prompts.labels[sl])
     return [s / len(prompts.labels) for s in same]
+
+
+def load_reference(path: Path, split: str = "test") -> torch.Tensor:
+    """Reference images in [-1, 1]: a folder of Fashion-MNIST IDX files (`split`) or a safetensors file
+    holding `images` (N, C, H, W), uint8 in [0, 255] or float in [-1, 1]."""
+    if path.is_dir():
+        return load_split(split, path).images
+    from safetensors.torch import load_file
+
+    images = load_file(str(path))["images"]
+    return images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
+
+
+@dataclass(frozen=True)
+class Judge:
+    """What every variant of one evaluation is judged with: the feature network and the reference's features."""
+
+    features: FeatureNetwork
+    reference_feats: torch.Tensor
+
+    @staticmethod
+    def open(features: Path, reference: Path, split: str = "test") -> Judge:
+        network = open_feature_network(features)
+        return Judge(network, network(load_reference(reference, split))[1])
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """How images are generated for an evaluation: the sampling settings, the batch size, the model's label."""
+
+    params: SamplingParams
+    batch_size: int
+    label: str
+
+
+def evaluate_variant(
+    name: str, pipe: VARPipeline, prompts: Prompts, run: EvalRun, judge: Judge, seed_set: str
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The variant's record (metrics, speed) on `prompts`, and its images in [0, 1]."""
+    images, seconds = generate_all(pipe, prompts, run.params, run.batch_size)
+    record: dict[str, Any] = {"model": run.label, "variant": name, "seed_set": seed_set, "images": len(prompts.labels)}
+    record |= image_metrics(images, prompts.labels, judge.features, judge.reference_feats)
+    record |= {"seconds": round(seconds, 2), "images_per_second": round(len(prompts.labels) / seconds, 2)}
+    return record, images

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 
 import torch
+from PIL import Image
 
-from app.images import to_pil
+from app.model.images import to_uint8_HWC
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JSON = "application/json"
@@ -15,7 +16,8 @@ _SAVE_OPTIONS: dict[str, dict[str, object]] = {"png": {}, "jpeg": {"quality": 95
 
 def encode_images(images_BCHW: torch.Tensor, fmt: str) -> list[bytes]:
     out = []
-    for img in to_pil(images_BCHW):
+    for pixels in to_uint8_HWC(images_BCHW).numpy():
+        img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
         buf = io.BytesIO()
         img.save(buf, format=fmt.upper(), **_SAVE_OPTIONS[fmt])
         out.append(buf.getvalue())

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from app.compress import VARIANTS, apply_variant
-from app.memory import module_bytes
 from app.model.checkpoint import load_folder
 from app.model.config import PipelineConfig
+from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 

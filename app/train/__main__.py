@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from app.checksums import write_sums
-from app.fashion_mnist import DEFAULT_DIR, Split, load_split
 from app.model.checkpoint import build_models, read_state_dict
+from app.model.checksums import write_sums
 from app.model.config import DEMO
 from app.model.var import init_weights
 from app.model.vqvae import VQVAE
 from app.quality.classifier import FashionClassifier, save_classifier
+from app.quality.fashion_mnist import DEFAULT_DIR, Split, load_split
 from app.train.card import write_card
 from app.train.classifier_trainer import ClassifierTraining, accuracy, train_classifier
 from app.train.export import export_folder, save_weights

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from app.checksums import write_sums
-from app.fashion_mnist import Split
 from app.model.checkpoint import load_folder
+from app.model.checksums import write_sums
 from app.model.pipeline import VARPipeline
 from app.quality.classifier import load_classifier, predict
+from app.quality.fashion_mnist import Split
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def write_card(folder: Path, work: Path, classifier_dir: Path, test: Split) -> N
         f"{100 * tok['classifier_accuracy_on_reconstructions']:.2f}% of reconstructed test images "
         f"({100 * classifier['test_accuracy']:.2f}% of the originals).",
         "",
-        "## Quality (`python -m app.evaluate`, features of `model_store/demo_classifier`, vs the test split)",
+        "## Quality (`python -m app evaluate`, features of `model_store/demo_classifier`, vs the test split)",
         "`early` is the same run at 5% of the VAR steps; `noise-floor` is the final model on a second seed list.",
         "",
         "| model | seeds | images | class accuracy | FID | precision | recall |",

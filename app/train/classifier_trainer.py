@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from app.fashion_mnist import Split
 from app.quality.classifier import FashionClassifier, predict
+from app.quality.fashion_mnist import Split
 from app.train.loop import Checkpoints, Progress, batch_indices, lr_at, set_lr
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from app.checksums import write_sums
+from app.model.checksums import write_sums
 from app.model.config import PipelineConfig
 
 

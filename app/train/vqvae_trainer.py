@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from app.fashion_mnist import Split
 from app.model.vector_quantizer import VectorQuantizer
 from app.model.vqvae import VQVAE
+from app.quality.fashion_mnist import Split
 from app.train.loop import Checkpoints, Progress, batch_indices, log, lr_at, set_lr
 
 

@@ -1,19 +1,18 @@
-"""`python -m app.compress`: a calibrated plan lands beside the model and is what the windowed pass loads."""
+"""`python -m app.compress calibrate`: a calibrated plan lands beside the model and is what the windowed pass loads."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from app.checksums import sha256
 from app.compress import apply_variant
 from app.compress.__main__ import main
 from app.compress.attention import PlannedAttention
 from app.compress.windows import PLAN_FILE, WindowPlan
 from app.model.checkpoint import load_folder
+from app.model.checksums import sha256
 
 DEMO = Path("model_store/demo")
 
@@ -35,15 +34,3 @@ def test_calibrate_saves_a_plan_that_the_windowed_variant_loads(model_dir: Path,
     pipe = apply_variant("windows", load_folder(model_dir))
     kernels = [b.attn.kernel for b in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {3, 4, 5, 6} for k in kernels)
-
-
-def test_the_sensitivity_study_has_a_row_per_layer_type_and_a_noise_floor(tmp_path: Path) -> None:
-    out = tmp_path / "sens.json"
-    args = ["sensitivity", "--images-per-class", "1", "--greedy-per-class", "1", "--json", str(out)]
-    assert main(args) == 0
-    rows = json.loads(out.read_text())
-    variants = [r["variant"] for r in rows if r["seed_set"] == "main"]
-    assert variants[0] == "int8:none" and variants[-1] == "int8:all"
-    assert {"int8:attn.mat_qkv", "int8:ffn.fc2", "int8:head", "int8:word_embed"} <= set(variants)
-    assert rows[0]["greedy_agreement"] == [1.0] * 7  # the float model agrees with itself
-    assert rows[-1]["seed_set"] == "noise-floor"

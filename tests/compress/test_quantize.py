@@ -22,10 +22,10 @@ from app.compress.quantize import (
     bf16_vqvae,
     quantize_linears,
 )
-from app.memory import module_bytes
 from app.model.blocks import QKVLinear
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import PRESETS, PipelineConfig, VARConfig, VQVAEConfig
+from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 

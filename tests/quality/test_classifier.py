@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from app.fashion_mnist import load_split
 from app.model.checkpoint import CheckpointMismatch
 from app.quality.classifier import load_classifier
+from app.quality.fashion_mnist import load_split
 from app.train.classifier_trainer import accuracy
 
 CLASSIFIER = Path(__file__).parents[2] / "model_store" / "demo_classifier"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.bench.served import start_server
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
 from app.model.pipeline import Generation, VARPipeline
@@ -22,7 +23,6 @@ from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.app import create_app
 from app.serve.settings import ServeSettings
-from app.serve_bench import start_server
 from app.train.export import export_folder
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import main as bench_main
+from app.bench.__main__ import main as bench_main
 from tests.serve.conftest import LiveServer
 
 

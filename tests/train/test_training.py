@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.fashion_mnist import Split, load_split
 from app.model.checkpoint import load_folder
 from app.model.config import DEMO
 from app.model.var import VAR, init_weights
 from app.model.vqvae import VQVAE
+from app.quality.fashion_mnist import Split, load_split
 from app.train import __main__ as train_cli
 from app.train.loop import batch_indices, lr_at
 from app.train.var_trainer import VARTraining, token_loss, tokenize, train_var

@@ -69,12 +69,12 @@ def quality_speed_plot(records: list[dict[str, Any]], path: Path, speed: dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m app.plots EVAL.json BENCH.json OUT.png [--batch-size 8]`: quality from the evaluation against
+    """`python -m app.bench.plots EVAL.json BENCH.json OUT.png [--batch-size 8]`: quality from the evaluation against
     the benchmark's images per second at one batch size."""
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m app.plots", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m app.bench.plots", description=main.__doc__)
     ap.add_argument("evaluation", type=Path)
     ap.add_argument("bench", type=Path)
     ap.add_argument("out", type=Path)

@@ -1,4 +1,4 @@
-"""`app.official` drives a checkout of the official code through its public builder. The official code is
+"""`app.bench.official` drives a checkout of the official code through its public builder. The official code is
 not in this project, so a stand-in package with the official builder's signature plays it here."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from app.bench.official import official_runner
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
-from app.official import official_runner
 from tests.conftest import TINY
 
 STAND_IN = """

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bench import PROBE_SIZE, machine_gflops, main
+from app.bench.offline import main
+from app.bench.runner import PROBE_SIZE, machine_gflops
 
 REQUIRED = {
     "variant",

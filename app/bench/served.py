@@ -29,7 +29,7 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bench import Contender, measure, pipeline_runner
+from app.bench.runner import Contender, measure, pipeline_runner
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams

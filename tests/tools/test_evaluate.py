@@ -1,4 +1,4 @@
-"""`python -m app.evaluate` on the shipped demo model, a few images per class."""
+"""`python -m app evaluate` on the shipped demo model, a few images per class."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from app import evaluate, plots
-from app.quality.evaluation import image_metrics, open_feature_network
+from app.bench import plots
+from app.quality.evaluation import image_metrics, load_reference, open_feature_network
+from app.tools import evaluate
 
 ROOT = Path(__file__).parents[2]
 
@@ -24,7 +25,6 @@ def test_evaluation_writes_records_grids_and_the_noise_floor(tmp_path: Path) -> 
     for r in records:
         assert r["images"] == 40
         assert 0.0 <= r["class_accuracy"] <= 1.0 and r["fid"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
-    assert records[0]["greedy_agreement"] == [1.0] * 7  # the baseline agrees with itself at every scale
     assert records[0]["class_accuracy"] >= 0.7
     assert (tmp_path / "demo_baseline.png").is_file()
 
@@ -42,7 +42,7 @@ def test_any_feature_network_and_reference_file_can_be_given(tmp_path: Path) -> 
     torch.export.save(program, tmp_path / "f.pt2")
     images = (torch.arange(20 * 32 * 32) % 251).to(torch.uint8).reshape(20, 1, 32, 32)
     save_file({"images": images}, str(tmp_path / "ref.safetensors"))
-    reference = evaluate.load_reference(tmp_path / "ref.safetensors")
+    reference = load_reference(tmp_path / "ref.safetensors")
     assert reference.shape == (20, 1, 32, 32) and reference.min() >= -1 and reference.max() <= 1
     features = open_feature_network(tmp_path / "f.pt2")
     _, ref_feats = features(reference)
@@ -57,7 +57,9 @@ def test_compressed_variants_are_judged_on_the_same_prompts_and_plotted(tmp_path
     assert evaluate.main(argv) == 0
     records = json.loads(out.read_text())
     assert [(r["variant"], r["images"]) for r in records] == [("baseline", 20), ("litevar", 20), ("baseline", 20)]
-    assert records[1]["greedy_agreement"][0] == 1.0  # the first scale's token is the class's, even in int8
+    agreement = records[1]["greedy_agreement"]
+    assert agreement[0] == 1.0  # the first scale's token is the class's, even in int8
+    assert min(agreement) < 1.0  # and litevar is not the baseline: some greedy token changes
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps([{"variant": v, "batch_size": 8, "images_per_second": s} for v, s in
                                  (("baseline", 30.0), ("litevar", 45.0))]))  # fmt: skip

@@ -34,3 +34,11 @@ def test_bad_class_is_an_error_message_not_a_traceback(tmp_path: Path, capsys: p
     args = ["generate", "--checkpoint", str(TINY), "--class", "5000", "--out", str(tmp_path / "x.png")]
     assert main(args) == 2
     assert "class label must be in [0, 999], got 5000" in capsys.readouterr().err
+
+
+def test_python_m_app_names_its_tools_and_refuses_an_unknown_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nope"]) == 2
+    err = capsys.readouterr().err
+    for tool in ("generate", "evaluate", "conformance", "sensitivity"):
+        assert tool in err
+    assert main(["--help"]) == 0

@@ -1,4 +1,4 @@
-"""`python -m app.evaluate`: image quality of each variant on the same (class, seed) list.
+"""`python -m app evaluate`: image quality of each variant on the same (class, seed) list.
 
 Defaults judge the embedded demo model with the demo classifier against the Fashion-MNIST test split; the
 model folder, the reference images and the feature network are all arguments.
@@ -15,42 +15,10 @@ from typing import Any
 import torch
 
 from app.compress import VARIANTS, apply_variant
-from app.fashion_mnist import DEFAULT_DIR, load_split
-from app.images import grid
 from app.model.checkpoint import load_folder
-from app.model.pipeline import VARPipeline
-from app.quality.evaluation import (
-    FeatureNetwork,
-    Prompts,
-    generate_all,
-    greedy_agreement,
-    image_metrics,
-    open_feature_network,
-)
-
-NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the second seed list: far from the first, same classes
-
-
-def load_reference(path: Path, split: str = "test") -> torch.Tensor:
-    """Reference images in [-1, 1]: a folder of Fashion-MNIST IDX files (`split`) or a safetensors file
-    holding `images` (N, C, H, W), uint8 in [0, 255] or float in [-1, 1]."""
-    if path.is_dir():
-        return load_split(split, path).images
-    from safetensors.torch import load_file
-
-    images = load_file(str(path))["images"]
-    return images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
-
-
-def evaluate_variant(
-    name: str, pipe: VARPipeline, prompts: Prompts, a: argparse.Namespace, features: FeatureNetwork,
-    reference_feats: torch.Tensor, seed_set: str,
-) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
-    images, seconds = generate_all(pipe, prompts, a.params, a.batch_size)
-    record: dict[str, Any] = {"model": a.label, "variant": name, "seed_set": seed_set, "images": len(prompts.labels)}
-    record |= image_metrics(images, prompts.labels, features, reference_feats)
-    record |= {"seconds": round(seconds, 2), "images_per_second": round(len(prompts.labels) / seconds, 2)}
-    return record, images
+from app.quality.evaluation import NOISE_FLOOR_SEED_OFFSET, EvalRun, Judge, Prompts, evaluate_variant, greedy_agreement
+from app.quality.fashion_mnist import DEFAULT_DIR
+from app.tools.images import save_grid
 
 
 def _grid(images: torch.Tensor, per_class: int, num_classes: int, columns: int = 10) -> torch.Tensor:
@@ -60,10 +28,9 @@ def _grid(images: torch.Tensor, per_class: int, num_classes: int, columns: int =
 
 
 def run(a: argparse.Namespace) -> list[dict[str, Any]]:
-    features = open_feature_network(a.features)
-    _, reference_feats = features(load_reference(a.reference, a.reference_split))
+    judge = Judge.open(a.features, a.reference, a.reference_split)
     base = load_folder(a.model)
-    a.params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
+    run = EvalRun(base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p), a.batch_size, a.label)
     C = base.num_classes
     prompts = Prompts.make(C, a.images_per_class, a.seed)
     greedy_prompts = Prompts.make(C, a.greedy_per_class, a.seed)
@@ -72,17 +39,17 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     for name in a.variants:
         pipe = base if name == "baseline" else apply_variant(name, load_folder(a.model))
-        record, images = evaluate_variant(name, pipe, prompts, a, features, reference_feats, "main")
+        record, images = evaluate_variant(name, pipe, prompts, run, judge, "main")
         record["greedy_agreement"] = [
-            round(x, 4) for x in greedy_agreement(pipe, base, greedy_prompts, a.params.cfg, a.batch_size)
+            round(x, 4) for x in greedy_agreement(pipe, base, greedy_prompts, run.params.cfg, a.batch_size)
         ]
-        grid(_grid(images, a.images_per_class, C), columns=min(10, a.images_per_class)).save(
-            a.out_dir / f"{a.label}_{name}.png"
+        save_grid(
+            _grid(images, a.images_per_class, C), min(10, a.images_per_class), a.out_dir / f"{a.label}_{name}.png"
         )
         records.append(record)
         print_row(record)
     noise = Prompts.make(C, a.images_per_class, a.seed + NOISE_FLOOR_SEED_OFFSET)
-    records.append(evaluate_variant("baseline", base, noise, a, features, reference_feats, "noise-floor")[0])
+    records.append(evaluate_variant("baseline", base, noise, run, judge, "noise-floor")[0])
     print_row(records[-1])
     return records
 
@@ -104,7 +71,7 @@ def print_row(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.evaluate", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m app evaluate", description=__doc__)
     ap.add_argument("--model", type=Path, default=Path("model_store/demo"), help="checkpoint folder")
     ap.add_argument("--label", default="", help="name of the model in the records (default: the folder name)")
     ap.add_argument(
@@ -152,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(records, indent=2) + "\n")
     if a.plot:
-        from app.plots import quality_speed_plot
+        from app.bench.plots import quality_speed_plot
 
         quality_speed_plot(records, a.plot)
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from app.bench import Runner
+from app.bench.runner import Runner
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 

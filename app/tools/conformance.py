@@ -1,4 +1,4 @@
-"""`python -m app.conformance DIR`: check our model against outputs of the official VAR code.
+"""`python -m app conformance DIR`: check our model against outputs of the official VAR code.
 
 DIR holds config.json (the official builder's arguments), vae.pth, var.pth and reference.pt, in the
 format of the shipped `tests/data/var_official_tiny/`. Tolerances are those of the fixture's README:
@@ -150,7 +150,7 @@ def run_conformance(folder: Path, groups: list[str], device: str = "cpu") -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.conformance", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m app conformance", description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument(
         "--checks", default=",".join(CHECK_GROUPS), help=f"comma-separated subset of {','.join(CHECK_GROUPS)}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.conformance import main
+from app.tools.conformance import main
 from tests.conftest import SHARED_ALN, TINY
 
 

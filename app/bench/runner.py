@@ -1,0 +1,157 @@
+"""Shared measurement: runners (one call generating a batch), timing in turns, records, the machine probe.
+
+Contenders are timed in turns, `runs` rounds after one warm-up call each: drift of a shared machine then
+hits every contender alike. Before each round a float32 GEMM probe records how fast the machine is at that
+moment (GFLOP/s), so absolute times from a shared, noisy machine come with its state.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from app.model import memory
+from app.model.pipeline import VARPipeline
+from app.model.sampling import SamplingParams
+from app.model.timing import StageTimer
+
+# One call generating a batch: (labels, seed) -> seconds per stage (empty when the runner cannot tell).
+Runner = Callable[[list[int], int], dict[str, float]]
+
+
+@dataclass
+class BenchRecord:
+    variant: str
+    preset: str
+    device: str
+    batch_size: int
+    runs: int
+    seconds_per_batch: float
+    seconds_per_batch_all: list[float]
+    images_per_second: float
+    peak_rss_bytes: int
+    inference_rss_bytes: int  # peak RSS during the timed runs minus RSS before them (models excluded)
+    peak_gpu_bytes: int | None
+    stages: dict[str, float]
+    weight_bytes: int | None = None  # the variant's weights as stored (int8 packed, bf16, float32)
+    attention_flops: int | None = None  # QK^T and PV computed per batch, from the kernels installed
+    attention_share: float | None = None  # attention_flops over the baseline's
+    speedup_vs_baseline: float | None = None
+    threads: int = 0
+    machine_gflops: float | None = None  # median of the GEMM probe over the rounds (CPU only)
+    machine_gflops_all: list[float] = field(default_factory=list)
+    torch_version: str = torch.__version__
+
+
+def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
+    def run(labels: list[int], seed: int) -> dict[str, float]:
+        timer = StageTimer(pipe.device)
+        pipe.generate(labels, params, seeds=[seed + i for i in range(len(labels))], timer=timer)
+        stages = dict(timer.seconds)
+        stages["transformer"] = timer.total("transformer.")
+        return stages
+
+    return run
+
+
+PROBE_SIZE = 512  # a 512^3 float32 matmul: about 2 ms on 2 AVX2 cores, fast enough to run every round
+
+
+def machine_gflops(device: str) -> float | None:
+    """Float32 GEMM throughput right now (best of 3), or None off the CPU. Other tenants of a shared machine
+    slow it down by up to 2x within an hour; this figure says which state a run's times come from."""
+    if device != "cpu":
+        return None
+    a, b = torch.randn(PROBE_SIZE, PROBE_SIZE), torch.randn(PROBE_SIZE, PROBE_SIZE)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * PROBE_SIZE**3 / best / 1e9
+
+
+def bench_labels(batch_size: int, num_classes: int) -> list[int]:
+    return [(207 + 97 * i) % num_classes for i in range(batch_size)]
+
+
+@dataclass
+class Samples:
+    """One contender's timed calls at one batch size."""
+
+    totals: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    peak_rss: int = 0
+    inference_rss: int = 0
+    peak_gpu: int | None = None
+
+    def time(self, runner: Runner, labels: list[int], seed: int, device: str) -> None:
+        memory.reset_peak(device)
+        before = memory.rss_bytes()
+        t0 = time.perf_counter()
+        self.stages.append(runner(labels, seed))
+        self.totals.append(time.perf_counter() - t0)
+        peak = memory.peak_rss_bytes()
+        self.peak_rss, self.inference_rss = max(self.peak_rss, peak), max(self.inference_rss, peak - before)
+        gpu = memory.peak_gpu_bytes(device)
+        self.peak_gpu = None if gpu is None else max(self.peak_gpu or 0, gpu)
+
+
+def measure(contenders: list[Contender], *, preset: str, device: str, batch_size: int, runs: int,
+            num_classes: int) -> list[BenchRecord]:  # fmt: skip
+    """Warm every contender up, then time them in turns, `runs` rounds: drift of a shared machine (other
+    jobs, clocks) then hits every contender alike instead of whichever ran during it."""
+    labels = bench_labels(batch_size, num_classes)
+    for c in contenders:
+        c.runner(labels, 0)  # warm-up: allocator, kernels, compilation, page-in of weights
+    samples = {c.name: Samples() for c in contenders}
+    probe: list[float] = []
+    for r in range(runs):
+        if (gflops := machine_gflops(device)) is not None:
+            probe.append(gflops)
+        for c in contenders:
+            samples[c.name].time(c.runner, labels, 1000 * (r + 1), device)
+    return [_record(c.name, samples[c.name], preset, device, batch_size, probe) for c in contenders]
+
+
+def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, probe: list[float]) -> BenchRecord:
+    median = statistics.median(s.totals)
+    return BenchRecord(
+        variant=variant,
+        preset=preset,
+        device=device,
+        batch_size=batch_size,
+        runs=len(s.totals),
+        seconds_per_batch=median,
+        seconds_per_batch_all=s.totals,
+        images_per_second=batch_size / median,
+        peak_rss_bytes=s.peak_rss,
+        inference_rss_bytes=s.inference_rss,
+        peak_gpu_bytes=s.peak_gpu,
+        stages={k: statistics.median(st.get(k, 0.0) for st in s.stages) for k in s.stages[0]},
+        threads=torch.get_num_threads(),
+        machine_gflops=statistics.median(probe) if probe else None,
+        machine_gflops_all=probe,
+    )
+
+
+def add_speedups(records: list[BenchRecord], reference: str) -> None:
+    ref = {r.batch_size: r for r in records if r.variant == reference}
+    for r in records:
+        if r.batch_size in ref:
+            r.speedup_vs_baseline = ref[r.batch_size].seconds_per_batch / r.seconds_per_batch
+            base_flops = ref[r.batch_size].attention_flops
+            if r.attention_flops is not None and base_flops:
+                r.attention_share = r.attention_flops / base_flops
+
+
+@dataclass
+class Contender:
+    name: str
+    runner: Runner
+    pipe: VARPipeline | None  # None for the official code
