@@ -101,9 +101,13 @@ def test_settings_table_matches_serve_settings() -> None:
     )
     rows = table_with_header(SERVING, ["variable", "default", "description"])
     doc = as_dict([(unquote(v), unquote(d), desc) for v, d, desc in rows], "setting")
-    assert sorted(doc) == sorted(code), "docs/serving.md's settings table and ServeSettings list different variables"
+    assert sorted(doc) == sorted(code), (
+        f"settings missing from docs/serving.md: {sorted(set(code) - set(doc))}; "
+        f"in docs/serving.md but not in ServeSettings: {sorted(set(doc) - set(code))}"
+    )
     for name, (default, description) in code.items():
-        assert doc[name] == (default, description), f"{name}: docs/serving.md says {doc[name]}, the code says {code[name]}"
+        said = doc[name]
+        assert said == (default, description), f"{name}: docs/serving.md says {said}, the code says {code[name]}"
 
 
 @pytest.fixture
@@ -116,7 +120,11 @@ def metrics(monkeypatch: pytest.MonkeyPatch) -> ServeMetrics:
 
 
 def declared_labels(metrics: ServeMetrics) -> dict[str, tuple[str, ...]]:
-    """Label names as declared, by family name, for the metrics ServeMetrics declares itself."""
+    """Label names as declared, by family name, for the metrics ServeMetrics declares itself.
+
+    prometheus_client exposes them only as `_labelnames`: a labelled metric with no child yet yields no
+    sample, so its label names cannot be read from `collect()`.
+    """
     out: dict[str, tuple[str, ...]] = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
@@ -133,9 +141,7 @@ def test_metrics_table_matches_the_registry(metrics: ServeMetrics) -> None:
             names = labels[family.name]
         else:
             names = tuple(dict.fromkeys(k for s in family.samples for k in s.labels if k not in ("le", "quantile")))
-        exposed.append(
-            (family.name + SUFFIX.get(family.type, ""), family.type, ", ".join(names), family.documentation)
-        )
+        exposed.append((family.name + SUFFIX.get(family.type, ""), family.type, ", ".join(names), family.documentation))
     code = as_dict(exposed, "metric")
     rows = table_with_header(SERVING, ["metric", "type", "labels", "help"])
     doc = as_dict(
@@ -145,7 +151,10 @@ def test_metrics_table_matches_the_registry(metrics: ServeMetrics) -> None:
         ],
         "metric",
     )
-    assert sorted(doc) == sorted(code), "docs/serving.md's metrics table and the registry list different metrics"
+    assert sorted(doc) == sorted(code), (
+        f"metrics missing from docs/serving.md: {sorted(set(code) - set(doc))}; "
+        f"in docs/serving.md but not in the registry: {sorted(set(doc) - set(code))}"
+    )
     for name, row in code.items():
         assert doc[name] == row, f"{name}: docs/serving.md says {doc[name]}, the registry says {row}"
 
@@ -157,17 +166,44 @@ def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def prose(path: Path, spans: bool = True) -> str:
+    """The text of a markdown file without its fenced code blocks (and, with `spans`, its code spans)."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", text) if spans else text
+
+
+def links(path: Path) -> list[str]:
+    return [m.group(1) for m in LINK.finditer(prose(path))]
+
+
 def relative_links(path: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)  # code blocks
-    text = re.sub(r"`[^`\n]*`", "", text)  # code spans
-    targets = [m.group(1) for m in LINK.finditer(text)]
-    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t, re.IGNORECASE) and not t.startswith("#")]
+    """Link and image targets that are neither URLs (`scheme:`) nor anchors within the page."""
+    return [t for t in links(path) if not re.match(r"[a-z][a-z0-9+.-]*:", t, re.IGNORECASE) and not t.startswith("#")]
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = prose(path, spans=False)
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_point_at_files(path: Path) -> None:
     missing = [t for t in relative_links(path) if not (path.parent / t.split("#")[0]).exists()]
     assert not missing, f"{path.relative_to(ROOT)} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_section_links_point_at_headings(path: Path) -> None:
+    """`page.md#section` (and `#section` within the page) must name a heading of that page."""
+    broken = []
+    for target in [*relative_links(path), *(t for t in links(path) if t.startswith("#"))]:
+        file, _, anchor = target.partition("#")
+        page = path.parent / file if file else path
+        if anchor and page.suffix == ".md" and page.exists() and anchor not in heading_anchors(page):
+            broken.append(target)
+    assert not broken, f"{path.relative_to(ROOT)} links to sections that do not exist: {broken}"
 
 
 def test_docs_link_something() -> None:
