@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests need: Fashion-MNIST (the demo model's data and quality reference) and headless
-# Chromium with its driver (the playground page test). The server needs none of them.
-DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver
+# Chromium with its driver (the playground page test), docker-compose and Prometheus's promtool (the deployment
+# file checks: `docker-compose config`, `promtool check config`). The server needs none of them.
+DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus
 
 .PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
 	evaluate
@@ -46,7 +47,7 @@ conformance: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m app.bench $(BENCH_ARGS)
 
-# the demo model on 127.0.0.1:8000; VAR_* variables (README, "Serving") configure the rest
+# the demo model on 127.0.0.1:8000; VAR_* variables (docs/serving.md) configure the rest
 serve: $(STAMP)
 	$(PY) -m app.serve
 
