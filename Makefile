@@ -10,11 +10,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus
 
 .PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
-	evaluate
+	evaluate test-fast
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +39,10 @@ pytest: $(STAMP) debian-packages
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
+
+# a quick subset while developing: no test marked slow, browser or compile (pyproject.toml lists the markers)
+test-fast: $(STAMP) debian-packages
+	$(PY) -m pytest -q -m "not slow and not browser and not compile"
 
 conformance: $(STAMP)
 	$(PY) -m app conformance tests/data/var_official_tiny

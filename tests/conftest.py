@@ -7,7 +7,10 @@ import pytest
 from app.model.checkpoint import load_folder
 from app.model.pipeline import VARPipeline
 
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parents[1]  # the repository: tests pass paths anchored here, never relative to the cwd
+DATA = ROOT / "tests" / "data"
+DEMO = ROOT / "model_store" / "demo"
+DEMO_CLASSIFIER = ROOT / "model_store" / "demo_classifier"
 TINY = DATA / "var_official_tiny"
 SHARED_ALN = DATA / "var_official_shared_aln"
 

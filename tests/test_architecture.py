@@ -101,3 +101,12 @@ def test_compression_imports_only_the_model_and_itself() -> None:
     for path in (APP / "compress").glob("*.py"):
         found = {n for n in _imports(path) if n.startswith("app.") and not n.startswith(("app.model", "app.compress"))}
         assert not found, f"{path.name} imports {found}"
+
+
+def test_the_product_never_imports_ray_or_its_deployment() -> None:
+    """app.ray_serve is a deployment entry beside the product, like app/serve/__main__.py: Ray is an optional
+    extra, so the product runs and tests without it."""
+    for pkg in ("model", "compress", "quality", "serve"):
+        for path in (APP / pkg).rglob("*.py"):
+            found = {n for n in _imports(path) if n.split(".")[0] == "ray" or n.startswith("app.ray_serve")}
+            assert not found, f"{path.relative_to(APP)} imports {found}"

@@ -23,6 +23,7 @@ until docs/serving.md says the same.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -31,11 +32,14 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from app.compress import VARIANTS
+from app.compress.registry import Step
 from app.serve.metrics import ServeMetrics
 from app.serve.settings import ServeSettings
 
 ROOT = Path(__file__).parents[1]
 SERVING = ROOT / "docs" / "serving.md"
+COMPRESSION = ROOT / "docs" / "compression.md"
 README_MAX_LINES = 200
 SUFFIX = {"counter": "_total", "info": "_info"}
 
@@ -213,3 +217,29 @@ def test_docs_link_something() -> None:
 def test_readme_is_short() -> None:
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; at most {README_MAX_LINES}, the rest in docs/"
+
+
+def step_text(step: Step) -> str:
+    """A pass as the docs write it: its name, and the options a variant sets away from their defaults."""
+    if step.options is None:
+        return f"`{step.spec.name}`"
+    default = type(step.options)()
+    changed = [
+        f"{f.name}={getattr(step.options, f.name)!r}"
+        for f in dataclasses.fields(step.options)  # type: ignore[arg-type]
+        if getattr(step.options, f.name) != getattr(default, f.name)
+    ]
+    return f"`{step.spec.name}({', '.join(changed)})`" if changed else f"`{step.spec.name}`"
+
+
+def test_variants_table_matches_the_registry() -> None:
+    rows = table_with_header(COMPRESSION, ["variant", "purpose", "passes, in order"])
+    expected = [[f"`{name}`", v.purpose, " + ".join(step_text(s) for s in v.steps)] for name, v in VARIANTS.items()]
+    table = "\n".join(f"| {' | '.join(row)} |" for row in expected)
+    assert rows == expected, f"docs/compression.md's variants table differs from VARIANTS; it should read:\n{table}"
+
+
+def test_the_readme_names_every_variant_once() -> None:
+    rows = table_with_header(ROOT / "README.md", ["variant", "passes", "purpose"])
+    named = [name for row in rows for name in re.findall(r"`([^`]+)`", row[0])]
+    assert sorted(named) == sorted(VARIANTS), f"README's variants table names {named}, VARIANTS {list(VARIANTS)}"

@@ -23,14 +23,15 @@ from typing import Any
 import torch
 
 from app.bench.runner import BenchRecord, Contender, add_speedups, measure, pipeline_runner
-from app.compress import VARIANTS, apply_variant
-from app.compress.attention_passes import attention_flops, windowed_attention
+from app.compress import VARIANTS, WINDOWED_ATTENTION, apply_variant
+from app.compress.attention_passes import attention_flops
 from app.compress.calibrate import calibrate
 from app.compress.windows import PLAN_FILE, WindowSettings
 from app.model.checkpoint import load_folder, open_pipeline
 from app.model.config import PRESETS
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
+from app.model.timing import Stage
 
 
 def print_table(records: list[BenchRecord], reference: str) -> None:
@@ -41,7 +42,7 @@ def print_table(records: list[BenchRecord], reference: str) -> None:
     for r in records:
         sp = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline else "-"
         st = r.stages
-        cols = [st.get(k) for k in ("transformer", "sampling", "decode")]
+        cols = [st.get(k) for k in (Stage.TRANSFORMER, Stage.SAMPLING, Stage.DECODE)]
         cells = " ".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cols)
         weights = f"{r.weight_bytes / 2**20:>7.1f}Mi" if r.weight_bytes is not None else f"{'-':>9}"
         flops = f"{r.attention_flops / 1e9:>10.3f}" if r.attention_flops is not None else f"{'-':>10}"
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = base.config.name
     load_s = measure_load_seconds(base) if a.measure_load else None
     with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
-        if any(windowed_attention in VARIANTS[v] for v in a.variant_list):
+        if any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list):
             ensure_window_plan(base, Path(tmp))
         records = run_all(a, base, preset)
     reference = a.variant_list[0]

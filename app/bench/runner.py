@@ -52,8 +52,9 @@ def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
     def run(labels: list[int], seed: int) -> dict[str, float]:
         timer = StageTimer(pipe.device)
         pipe.generate(labels, params, seeds=[seed + i for i in range(len(labels))], timer=timer)
-        stages = dict(timer.seconds)
-        stages["transformer"] = timer.total("transformer.")
+        stages = dict(timer.seconds)  # the transformer per scale, and in total from `stage_seconds`
+        for stage, seconds in timer.stage_seconds().items():
+            stages[stage] = seconds
         return stages
 
     return run

@@ -67,24 +67,30 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, limit_s: f
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
+            ready = httpx.get(f"{url}/readyz", timeout=5)
         except httpx.TransportError:
-            pass
+            ready = None
+        if ready is not None and ready.status_code == 200:
+            return
+        if ready is not None and ready.json().get("status") == "failed":  # it will never be ready: say why now
+            raise RuntimeError(f"server failed to load: {ready.json().get('error')}")
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {limit_s} s")
 
 
 @contextmanager
-def start_server(env: dict[str, str], log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`python -m app.serve` on a free loopback port with the given VAR_* settings; stopped on exit."""
+def start_server(
+    env: dict[str, str], log: Path | None = None, ready_limit_s: float = 600
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`python -m app.serve` on a free loopback port with the given VAR_* settings, ready within ready_limit_s
+    (else TimeoutError); stopped on exit."""
     port = free_port()
     full_env = os.environ | env | {"VAR_HOST": "127.0.0.1", "VAR_PORT": str(port)}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", "app.serve"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, ready_limit_s)
         yield url, proc
     finally:
         if proc.poll() is None:

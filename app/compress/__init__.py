@@ -1,24 +1,24 @@
-"""Named variants: a variant is a list of passes, each a function pipeline -> pipeline (in place).
+"""Named variants as data: each a one-line purpose and its passes in order, every pass a function
+pipeline -> pipeline (in place) registered with its typed options and summary in `PASSES`.
 
 Passes keep every `state_dict` key of the checkpoint (a quantized layer adds its `weight_scale`), so every
-variant runs from the same checkpoint. Windowed attention comes first: when no window plan is saved beside
-the checkpoint it calibrates one on the still unmodified model.
+variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer;
+its plan is the one saved beside the checkpoint unless the caller gives one (`apply_variant(window_plan=...)`).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
+from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_attention_sharing, windowed_attention
 from app.compress.compiled import autotuned_step, compiled_step
-from app.compress.guidance import guidance_off_last
-from app.compress.quantize import bf16_vqvae, quantize_linears
+from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.quantize import MixedPrecision, bf16_vqvae, quantize_linears
+from app.compress.registry import PassFn, PassSpec, Step, VariantSpec
+from app.compress.windows import WindowPlan
 from app.model.pipeline import VARPipeline
-
-Pass = Callable[[VARPipeline], VARPipeline]
 
 
 def autocast_bf16(pipe: VARPipeline) -> VARPipeline:
@@ -33,49 +33,138 @@ def device_default_precision(pipe: VARPipeline) -> VARPipeline:
     return autocast_bf16(pipe) if pipe.device.type == "cuda" else pipe
 
 
-LITEVAR: list[Pass] = [
-    device_default_precision,
-    windowed_attention,
-    cfg_attention_sharing,
-    quantize_linears,
-    bf16_vqvae,
-]
+def _spec(function: PassFn, options_type: type[Any] | None, summary: str) -> PassSpec:
+    return PassSpec(function.__name__, function, options_type, summary)
 
-VARIANTS: dict[str, list[Pass]] = {
-    "baseline": [device_default_precision],
-    "bf16": [autocast_bf16],
-    # the paper's recipe: windows + sharing + W8A8 with fc2 in 16-bit weights; our sensitivity study and
-    # memory target add: word_embed in float32, int4 AdaLN weights, bf16-stored VQVAE
-    "litevar": LITEVAR,
+
+DEVICE_DEFAULT_PRECISION = _spec(
+    device_default_precision,
+    None,
+    "The baseline's precision: float32 on CPU, bfloat16 autocast on GPU (as the official demo uses).",
+)
+AUTOCAST_BF16 = _spec(
+    autocast_bf16,
+    None,
+    "Transformer matmuls and the VQVAE decoder in bfloat16 autocast; logits and sampling stay float32.",
+)
+WINDOWED_ATTENTION = _spec(
+    windowed_attention,
+    WindowedAttention,
+    "Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.",
+)
+CFG_ATTENTION_SHARING = _spec(
+    cfg_attention_sharing,
+    CfgSharing,
+    "Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention.",
+)
+QUANTIZE_LINEARS = _spec(
+    quantize_linears,
+    MixedPrecision,
+    "LiteVAR mixed precision: W8A8 int8, bfloat16-stored and int4 weights by layer type.",
+)
+BF16_VQVAE = _spec(
+    bf16_vqvae,
+    None,
+    "VQVAE convolution weights stored in bfloat16; the decoder computes in bfloat16 where that is native.",
+)
+GUIDANCE_OFF_LAST = _spec(
+    guidance_off_last,
+    GuidanceOff,
+    "The last `scales` scales run the conditional rows alone and sample from their logits unguided.",
+)
+COMPILED_STEP = _spec(
+    compiled_step,
+    None,
+    "The per-scale step and the VQVAE decoder under torch.compile (Inductor), weights unchanged.",
+)
+AUTOTUNED_STEP = _spec(
+    autotuned_step,
+    None,
+    "The step compiled with frozen weights and autotuned GEMMs; the decoder as in compiled_step.",
+)
+PASSES: dict[str, PassSpec] = {
+    spec.name: spec
+    for spec in (
+        DEVICE_DEFAULT_PRECISION,
+        AUTOCAST_BF16,
+        WINDOWED_ATTENTION,
+        CFG_ATTENTION_SHARING,
+        QUANTIZE_LINEARS,
+        BF16_VQVAE,
+        GUIDANCE_OFF_LAST,
+        COMPILED_STEP,
+        AUTOTUNED_STEP,
+    )
+}
+
+DEVICE_PRECISION = Step(DEVICE_DEFAULT_PRECISION)
+LAST_SCALE_UNGUIDED = Step(GUIDANCE_OFF_LAST, GuidanceOff(scales=1))
+# the paper's recipe: windows + sharing + W8A8 with fc2 in 16-bit weights; our sensitivity study and memory
+# target add: word_embed in float32, int4 AdaLN weights, bf16-stored VQVAE
+LITEVAR = (
+    DEVICE_PRECISION,
+    Step(WINDOWED_ATTENTION),
+    Step(CFG_ATTENTION_SHARING),
+    Step(QUANTIZE_LINEARS),
+    Step(BF16_VQVAE),
+)
+
+VARIANTS: dict[str, VariantSpec] = {
+    "baseline": VariantSpec("the checkpoint as released, at the device's default precision", (DEVICE_PRECISION,)),
+    "bf16": VariantSpec("bfloat16 autocast on every device", (Step(AUTOCAST_BF16),)),
+    "litevar": VariantSpec("LiteVAR: windowed and shared attention, mixed-precision weights", LITEVAR),
     # each pass alone
-    "windows": [device_default_precision, windowed_attention],
-    "cfg-share": [device_default_precision, cfg_attention_sharing],
-    "w8a8": [device_default_precision, quantize_linears],
-    "vqvae-bf16": [device_default_precision, bf16_vqvae],
-    "guidance-off": [device_default_precision, functools.partial(guidance_off_last, scales=1)],
-    # the paper's attention passes together, weights unquantized: the attention share against quality
-    "litevar-float": [device_default_precision, windowed_attention, cfg_attention_sharing],
-    "compiled": [device_default_precision, compiled_step],
-    # compiled with frozen weights and autotuned GEMMs: the fastest float32 pipeline on CPU, slow to warm up
-    "autotuned": [device_default_precision, autotuned_step],
-    # the passes that pay most on the demo model: LiteVAR's attention passes, guidance off for the last
-    # scale, everything compiled; float weights, since fbgemm's int8 layers cannot be compiled (README)
-    "fastest": [
-        device_default_precision,
-        windowed_attention,
-        cfg_attention_sharing,
-        functools.partial(guidance_off_last, scales=1),
-        compiled_step,
-    ],
-    # the fast variant at a third of the weight bytes: LiteVAR plus guidance off for the last scale
-    "fastest-int8": [*LITEVAR, functools.partial(guidance_off_last, scales=1)],
+    "windows": VariantSpec("windowed attention alone", (DEVICE_PRECISION, Step(WINDOWED_ATTENTION))),
+    "cfg-share": VariantSpec("attention sharing across CFG alone", (DEVICE_PRECISION, Step(CFG_ATTENTION_SHARING))),
+    "w8a8": VariantSpec("LiteVAR's mixed-precision weights alone", (DEVICE_PRECISION, Step(QUANTIZE_LINEARS))),
+    "vqvae-bf16": VariantSpec("the bfloat16-stored VQVAE alone", (DEVICE_PRECISION, Step(BF16_VQVAE))),
+    "guidance-off": VariantSpec("guidance off for the last scale alone", (DEVICE_PRECISION, LAST_SCALE_UNGUIDED)),
+    "litevar-float": VariantSpec(
+        "LiteVAR's attention passes, weights unquantized: the attention share against quality",
+        (DEVICE_PRECISION, Step(WINDOWED_ATTENTION), Step(CFG_ATTENTION_SHARING)),
+    ),
+    "compiled": VariantSpec("the step and the decoder compiled", (DEVICE_PRECISION, Step(COMPILED_STEP))),
+    "autotuned": VariantSpec(
+        "compiled with frozen weights and autotuned GEMMs: the fastest float32 pipeline on CPU, slow to warm up",
+        (DEVICE_PRECISION, Step(AUTOTUNED_STEP)),
+    ),
+    # float weights, since fbgemm's int8 layers cannot be compiled (docs/compression.md)
+    "fastest": VariantSpec(
+        "the passes that pay most on the demo model: LiteVAR's attention passes, guidance off for the last "
+        "scale, everything compiled",
+        (
+            DEVICE_PRECISION,
+            Step(WINDOWED_ATTENTION),
+            Step(CFG_ATTENTION_SHARING),
+            LAST_SCALE_UNGUIDED,
+            Step(COMPILED_STEP),
+        ),
+    ),
+    "fastest-int8": VariantSpec(
+        "the fast variant with int8 weights: LiteVAR plus guidance off for the last scale",
+        (*LITEVAR, LAST_SCALE_UNGUIDED),
+    ),
 }
 
 
-def apply_variant(name: str, pipe: VARPipeline) -> VARPipeline:
-    """Apply the named variant's passes in order (in place; copy the pipeline first to keep the original)."""
+def variant_spec(name: str) -> VariantSpec:
+    """The named variant; a ValueError listing the known ones otherwise."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
-    for p in VARIANTS[name]:
-        pipe = p(pipe)
+    return VARIANTS[name]
+
+
+def apply_variant(name: str, pipe: VARPipeline, *, window_plan: WindowPlan | None = None) -> VARPipeline:
+    """Apply the named variant's passes in order (in place; copy the pipeline first to keep the original).
+
+    `window_plan`: the plan its windowed attention uses (one calibrated at load, say); None: the plan saved
+    beside the checkpoint, refusing (MissingWindowPlan) when there is none."""
+    for step in variant_spec(name).steps:
+        given = step.spec is WINDOWED_ATTENTION and window_plan is not None
+        pipe = step.run(pipe, plan=window_plan) if given else step.run(pipe)
     return pipe
+
+
+def describe() -> dict[str, dict[str, Any]]:
+    """Every variant as plain data: its purpose and its passes (name, options, summary), for docs and tools."""
+    return {name: {"purpose": v.purpose, "passes": v.describe()} for name, v in VARIANTS.items()}

@@ -1,16 +1,58 @@
-"""Passes of the attention: multi-diagonal windowed attention and attention sharing across CFG."""
+"""Passes of the attention: multi-diagonal windowed attention and attention sharing across CFG.
+
+Windowed attention needs the window plan calibrated for the checkpoint's weights. It is saved beside the
+checkpoint (`python -m app.compress calibrate`); without one the pass refuses, and only a caller that asks
+for it (`window_plan(..., calibrate_missing=True)`) calibrates one, which takes a while and is logged.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
 
 from app.compress.attention import PlannedAttention, dense_flops, route_for
 from app.compress.calibrate import calibrate
-from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
+from app.compress.windows import PLAN_FILE, WindowPlan
 from app.model.blocks import SelfAttention
 from app.model.pipeline import VARPipeline
 
 log = logging.getLogger(__name__)
+CALIBRATE = "python -m app.compress calibrate"  # the command that saves a plan beside a checkpoint
+
+
+class PlanOrigin(StrEnum):
+    """Where a variant's window plan came from (reported by the service)."""
+
+    FILE = "file"
+    CALIBRATED = "calibrated at load"
+
+
+class MissingWindowPlan(ValueError):
+    """No window plan is saved beside the checkpoint, and calibrating one now was not asked for."""
+
+    def __init__(self, folder: Path | None):
+        where = f"beside the checkpoint {folder}" if folder is not None else "(the pipeline has no checkpoint folder)"
+        command = f"{CALIBRATE} --model {folder if folder is not None else '<folder>'}"
+        super().__init__(f"windowed attention needs a window plan: none {where}; calibrate one with `{command}`")
+
+
+@dataclass(frozen=True)
+class WindowedAttention:
+    """Options of `windowed_attention` (its plan comes from the checkpoint, not from the variant)."""
+
+    min_skipped: float | None = None  # None: 0.5 on CPU, 0.25 on GPU
+    min_queries: int = 128
+
+
+@dataclass(frozen=True)
+class CfgSharing:
+    """Options of `cfg_attention_sharing`."""
+
+    scales: tuple[int, ...] | None = None  # None: every scale
+    layers: tuple[int, ...] | None = None  # None: every layer
+    outputs: bool = False  # share attention outputs rather than probabilities
 
 
 def _planned(attn: SelfAttention) -> PlannedAttention:
@@ -20,17 +62,27 @@ def _planned(attn: SelfAttention) -> PlannedAttention:
     return attn.kernel
 
 
-def window_plan(pipe: VARPipeline, settings: WindowSettings | None = None) -> WindowPlan:
-    """The plan saved beside the checkpoint (`window_plan.safetensors`), else one calibrated now."""
-    cfg = pipe.config.var
+def saved_window_plan(pipe: VARPipeline) -> WindowPlan:
+    """The plan saved beside the checkpoint (`window_plan.safetensors`); MissingWindowPlan when there is none."""
     path = pipe.source / PLAN_FILE if pipe.source is not None else None
-    if path is not None and path.is_file() and settings is None:
-        plan = WindowPlan.load(path)
-        plan.check_fits(cfg.depth, cfg.num_heads, cfg.patch_nums)
-        return plan
-    if settings is None:
-        log.warning("no window plan at %s: calibrating one (python -m app.compress calibrate saves it)", path)
-    return calibrate(pipe, settings)
+    if path is None or not path.is_file():
+        raise MissingWindowPlan(pipe.source)
+    cfg = pipe.config.var
+    plan = WindowPlan.load(path)
+    plan.check_fits(cfg.depth, cfg.num_heads, cfg.patch_nums)
+    return plan
+
+
+def window_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[WindowPlan, PlanOrigin]:
+    """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
+    (which must be unmodified: calibration measures its dense attention); MissingWindowPlan otherwise."""
+    try:
+        return saved_window_plan(pipe), PlanOrigin.FILE
+    except MissingWindowPlan:
+        if not calibrate_missing:
+            raise
+    log.warning("no window plan beside %s: calibrating one at load (`%s` saves it)", pipe.source, CALIBRATE)
+    return calibrate(pipe), PlanOrigin.CALIBRATED
 
 
 def windowed_attention(
@@ -40,8 +92,9 @@ def windowed_attention(
 
     A query scale of at least `min_queries` tokens runs the block-sparse kernel when at least `min_skipped`
     of its key blocks hold no kept pair (default 0.5 on CPU, 0.25 on GPU, measured break-evens); other
-    windowed scales compute dense scores with -inf outside the windows (same result, no saving)."""
-    plan = plan or window_plan(pipe)
+    windowed scales compute dense scores with -inf outside the windows (same result, no saving). Without a
+    `plan`, the one saved beside the checkpoint; MissingWindowPlan when there is none."""
+    plan = plan or saved_window_plan(pipe)
     if min_skipped is None:
         min_skipped = 0.25 if pipe.device.type == "cuda" else 0.5
     windowed_steps = [step for step in pipe.steps if plan.windowed(step.si)]

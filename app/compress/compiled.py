@@ -10,6 +10,8 @@ compiles one graph per scale; the second one more per scale with the batch dimen
 serves later batch sizes. On 2 CPU cores that is seconds per graph cold, and much less from Inductor's
 on-disk cache (`TORCHINDUCTOR_CACHE_DIR`). The server's warm-up pays it before the service reports ready.
 
+The compiled functions go into the pipeline's hooks (`step_fn`, `decoder_fn`); modules are left as they are.
+
 Guards: Dynamo keeps its cache of graphs on the code object of the compiled function, and by default
 re-checks every module attribute and parameter at each call (about 0.5 ms per call on the demo model,
 measured). Each compiled pipeline gets functions with code objects of its own, so its cache holds only its
@@ -22,12 +24,11 @@ fbgemm's packed int8 weights are opaque to the compiler: every int8 linear split
 `autotuned_step` goes further for float32 on the CPU: the step's weights are frozen into its graphs as
 constants and Inductor times, per GEMM shape, MKL against oneDNN's pre-packed linear and its own generated
 C++ GEMM, keeping the fastest. At the demo model's 16 to 32 rows per scale MKL was the slowest of them in
-isolation. Against `compiled` in turns on the demo model at batch 1: 0.85x to 0.89x of its time in four
-runs (README). The price is compile time: minutes on 2 cores for the first batch sizes. The price in
-exactness: the kernels chosen round differently from MKL's, and may differ between a graph for one batch
-size and another, so tokens match the eager pipeline and an image's tokens match across batch sizes only
-as far as tested (40 demo images at batch sizes 1, 2, 3, 5 and 8 ad hoc; the test model in the tests),
-not by construction as with `compiled_step`.
+isolation; against `compiled` on the demo model at batch 1 see docs/benchmarks.md. The price is compile
+time: minutes on 2 cores for the first batch sizes. The price in exactness: the kernels chosen round
+differently from MKL's, and may differ between a graph for one batch size and another, so tokens match the
+eager pipeline and an image's tokens match across batch sizes only as far as tested (the test model, in
+tests/compress/test_compiled.py), not by construction as with `compiled_step`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ from app.compress.quantize import Int8Linear
 from app.model.pipeline import VARPipeline
 
 GRAPHS_PER_SCALE = 4  # first batch size, symbolic batch, and the row-padding branch of small GEMMs
+# Dynamo's recompilation budgets are process-wide; `configure_dynamo` sets them once, to fixed values.
+# Per code object: each compiled pipeline has its own step code object (see `own_code`), which compiles up
+# to GRAPHS_PER_SCALE graphs per scale; MAX_SCALES covers every preset (10 scales) with room for more.
+MAX_SCALES = 16
+RECOMPILE_LIMIT = GRAPHS_PER_SCALE * MAX_SCALES
+# Over the process: a server compiles one pipeline per compiled variant (three exist), a test process a few
+# more; each holds its step graphs and a few decoder graphs. Room for 16 such pipelines of the most scales;
+# a recompilation that runs away (a guard failing at every call) still stops at a bounded count.
+COMPILED_PIPELINES = 16
+ACCUMULATED_RECOMPILE_LIMIT = COMPILED_PIPELINES * GRAPHS_PER_SCALE * (MAX_SCALES + 1)
 
 
 def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,6 +63,13 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
     twin = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     twin.__kwdefaults__ = f.__kwdefaults__
     return types.MethodType(twin, method.__self__)
+
+
+@functools.cache
+def configure_dynamo() -> None:
+    """Set Dynamo's process-wide recompilation budgets, once (the first compiled pipeline calls this)."""
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT  # counted per code object
+    torch._dynamo.config.accumulated_recompile_limit = ACCUMULATED_RECOMPILE_LIMIT  # counted over the process
 
 
 def _compile(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,6 +90,7 @@ def _under(settings: dict[str, Any], fn: Callable[..., Any]) -> Callable[..., An
 
 
 def compiled_step(pipe: VARPipeline) -> VARPipeline:
+    """The per-scale step and the VQVAE decoder under torch.compile (Inductor), weights unchanged."""
     return _install(pipe, _compile)
 
 
@@ -92,11 +111,11 @@ def _install(pipe: VARPipeline, compile_step: Callable[[Callable[..., Any]], Cal
     packed = [n for n, m in pipe.var.named_modules() if isinstance(m, Int8Linear) and m.packed_bytes]
     if packed:
         raise ValueError(f"compiling cannot trace fbgemm's packed int8 layers ({len(packed)}, e.g. {packed[0]})")
-    graphs = GRAPHS_PER_SCALE * len(pipe.config.var.patch_nums)
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)  # counted per code object
-    # counted over the process: this pipeline's step graphs, plus a few for its decoder
-    dynamo.accumulated_recompile_limit += graphs + GRAPHS_PER_SCALE
+    scales = len(pipe.config.var.patch_nums)
+    if scales > MAX_SCALES:
+        raise ValueError(f"compiling budgets graphs for at most {MAX_SCALES} scales, the model has {scales}")
+    configure_dynamo()
     pipe.step_fn = compile_step(pipe.var.step)
-    pipe.vqvae.decoder.forward = _compile(pipe.vqvae.decoder.forward)  # type: ignore[method-assign]
+    # the pipeline's hook, not the module: the VQVAE stays as loaded, and a shared one is never a compiled one
+    pipe.decoder_fn = _compile(pipe.vqvae.decoder.forward)
     return pipe

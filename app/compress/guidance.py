@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from app.model.pipeline import VARPipeline
+
+
+@dataclass(frozen=True)
+class GuidanceOff:
+    """Options of `guidance_off_last`."""
+
+    scales: int = 2  # how many of the last scales run unguided
 
 
 def guidance_off_last(pipe: VARPipeline, *, scales: int = 2) -> VARPipeline:

@@ -11,8 +11,11 @@ State dicts keep the original keys (`weight` as int8, `bias` float32) plus `weig
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,7 +39,7 @@ LAYER_TYPES = (
     "shared_ada_lin.1",
     "head",
 )
-# LiteVAR's W8A8 recipe, corrected by our sensitivity study on the demo model (README, "Compression"):
+# LiteVAR's W8A8 recipe, corrected by our sensitivity study on the demo model (docs/compression.md):
 # fc2 (the most sensitive, as in the authors' study) keeps 16-bit weights; word_embed (the second most
 # sensitive, and a 32 x C matmul that int8 cannot speed up) stays float32; the AdaLN linears run once per
 # generation, so 4-bit weights there save a third of a block's bytes at no cost in time.
@@ -97,6 +100,25 @@ def _prepack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qweight, None)
 
 
+# fbgemm's cache blocks (KCB, NCB) of an int8 weight per instruction set (its PackingTraits-inl.h): the packed
+# weight is padded to whole blocks, K to a multiple of KCB and N to one of NCB. At the demo model's 256 input
+# features that doubles the int8 bytes; at d16's 1024 it adds a few percent.
+FBGEMM_BLOCKS = {"avx512_vnni": (512, 48), "avx512": (256, 32), "avx2": (512, 8)}
+AVX512 = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})  # what fbgemm's AVX-512 kernels need
+
+
+@functools.cache
+def fbgemm_blocks() -> tuple[int, int]:
+    """(KCB, NCB) of the instruction set fbgemm picks on this CPU (read from /proc/cpuinfo; AVX2 elsewhere)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().partition("flags")[2].partition("\n")[0].split())
+    except OSError:
+        flags = set()
+    if flags >= AVX512:
+        return FBGEMM_BLOCKS["avx512_vnni" if "avx512_vnni" in flags else "avx512"]
+    return FBGEMM_BLOCKS["avx2"]
+
+
 class Int8Linear(nn.Module):
     """W8A8 linear: int8 weights (per output channel), int8 activations (per token), float32 bias and output.
 
@@ -142,12 +164,13 @@ class Int8Linear(nn.Module):
 
     @property
     def packed_bytes(self) -> int:
-        """Weight bytes outside parameters and buffers: fbgemm's int8 weight, int32 column offsets, and its own
-        per-channel scale and zero point (4 + 4 bytes); its block padding is not counted."""
+        """Weight bytes outside parameters and buffers: fbgemm's int8 weight padded to its cache blocks, int32
+        column offsets, and its own per-channel scale and zero point (4 + 4 bytes)."""
         if self._packed is None:
             return 0
         n, k = self.out_features, self.in_features
-        return n * k + 4 * n + 8 * n
+        kcb, ncb = fbgemm_blocks()
+        return -(-k // kcb) * kcb * -(-n // ncb) * ncb + 4 * n + 8 * n
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.bias if bias is None else bias
@@ -267,6 +290,15 @@ def _replacement(linear: nn.Linear, precision: str) -> nn.Module:
     if precision == "int4":
         return (Int4SharedAdaLin if shared else Int4WeightLinear).from_linear(linear)
     return (BF16WeightSharedAdaLin if shared else BF16WeightLinear).from_linear(linear)
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Options of `quantize_linears`: the layer types (LAYER_TYPES) stored at each precision."""
+
+    int8: tuple[str, ...] = DEFAULT_INT8
+    bf16: tuple[str, ...] = DEFAULT_BF16
+    int4: tuple[str, ...] = DEFAULT_INT4
 
 
 @torch.no_grad()

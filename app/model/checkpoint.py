@@ -3,7 +3,8 @@
 A checkpoint folder holds a VAR file and a VQVAE file, named either as released
 (`var_d16.pth`, `vae_ch160v4096z32.pth`; the preset follows from the depth in the name) or
 `var.{safetensors,pth}` + `vae.{safetensors,pth}` beside a `config.json` (ours, or the official
-builder's keyword arguments as in the conformance fixtures).
+builder's keyword arguments as in the conformance fixtures). A folder with a `SHA256SUMS` file is checked
+against it before anything is read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from app.model.checksums import SUMS_FILE, sums_mismatches
 from app.model.config import PipelineConfig, config_from_official, get_preset
 from app.model.pipeline import VARPipeline
 from app.model.var import VAR, init_weights
@@ -169,6 +171,8 @@ def folder_config(folder: str | Path) -> PipelineConfig:
 
 def load_folder(folder: str | Path) -> VARPipeline:
     folder = Path(folder)
+    if problems := sums_mismatches(folder):
+        raise CheckpointError(f"{folder} does not match its {SUMS_FILE}:\n  " + "\n  ".join(problems))
     config = folder_config(folder)
     var_path = _find(folder, ["var.safetensors", "var.pth", "var_d*.safetensors", "var_d*.pth"])
     vae_path = _find(folder, ["vae.safetensors", "vae.pth", "vae_*.safetensors", "vae_*.pth"])

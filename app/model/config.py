@@ -70,14 +70,6 @@ class VARConfig:
     def seq_len(self) -> int:
         return sum(pn * pn for pn in self.patch_nums)
 
-    @property
-    def begin_ends(self) -> list[tuple[int, int]]:
-        out, cur = [], 0
-        for pn in self.patch_nums:
-            out.append((cur, cur + pn * pn))
-            cur += pn * pn
-        return out
-
 
 @dataclass(frozen=True)
 class PipelineConfig:

@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +31,15 @@ from app.model.sampling import (
     gumbel_soft_codes,
     sample_tokens,
 )
-from app.model.timing import NULL_TIMER, StageTimer
+from app.model.timing import NULL_TIMER, Stage, StageTimer, scale_section
 from app.model.var import VAR, Conditioning
 from app.model.vqvae import VQVAE
 
 LogitsObserver = Callable[[int, torch.Tensor], None]
 # One scale of the transformer: (tokens, conditioning, cache, step) -> logits; `VAR.step` or a compiled form
 StepFn = Callable[[torch.Tensor, Conditioning, KVCache, ScaleStep], torch.Tensor]
+# The VQVAE decoder: latent after post_quant_conv -> image in [-1, 1]; `vqvae.decoder` or a compiled form
+DecoderFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Generation:
     tokens: list[torch.Tensor]  # per scale (B, pn*pn) int64
     f_hat: torch.Tensor  # (B, Cvae, pn_last, pn_last), the latent handed to the decoder
     seeds: list[int] | None  # per image; None in shared-generator mode
-    timings: dict[str, float] = field(default_factory=dict)
+    kv_cache_bytes: int = 0  # the KV cache this generation allocated (keys, values and the last scale's workspace)
 
 
 class VARPipeline:
@@ -66,8 +68,10 @@ class VARPipeline:
         self.decode_dtype = decode_dtype  # VQVAE decoder weights/activations; None = float32
         self.source: Path | None = None  # the checkpoint folder, where files calibrated for it live
         self.guided_scales: int | None = None  # guidance on the first n scales only; None: every scale
-        # what runs one scale; a pass may replace it (a compiled form), so passes go after any deepcopy
+        # what runs one scale and what decodes; a pass may replace them (compiled forms) and leaves the
+        # modules untouched, so passes go after any deepcopy
         self.step_fn: StepFn = var.step
+        self.decoder_fn: DecoderFn = self.vqvae.decoder
 
     @property
     def device(self) -> torch.device:
@@ -120,17 +124,17 @@ class VARPipeline:
             noise = PerRowGenerators.from_seeds(row_seeds, self.device)
         rows = RowSampling.from_params(row_params, self.device)
         labels_B = torch.tensor(label_list, device=self.device)
-        tokens, f_hat = self._sample_tokens(labels_B, rows, noise, timer, on_guided_logits)
-        with timer.section("decode"):
+        tokens, f_hat, cache_bytes = self._sample_tokens(labels_B, rows, noise, timer, on_guided_logits)
+        with timer.section(Stage.DECODE):
             images = self.decode(f_hat)
-        return Generation(images, tokens, f_hat, row_seeds, dict(timer.seconds))
+        return Generation(images, tokens, f_hat, row_seeds, cache_bytes)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat -> images in [0, 1] (float32)."""
         if self.decode_dtype is None:
-            return self.vqvae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+            return self.vqvae.fhat_to_img(f_hat, self.decoder_fn).add_(1).mul_(0.5)
         with torch.autocast(self.device.type, dtype=self.decode_dtype):
-            img = self.vqvae.fhat_to_img(f_hat)
+            img = self.vqvae.fhat_to_img(f_hat, self.decoder_fn)
         return img.float().add_(1).mul_(0.5)
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -141,7 +145,8 @@ class VARPipeline:
         noise: NoiseSource,
         timer: StageTimer,
         on_guided_logits: LogitsObserver | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """Tokens per scale, the final latent f_hat, and the bytes of the KV cache allocated for them."""
         var, quant, steps = self.var, self.vqvae.quantize, self.steps
         B, K = labels_B.shape[0], len(steps)
         null = torch.full_like(labels_B, self.num_classes)
@@ -150,6 +155,7 @@ class VARPipeline:
             lvl_pos = var.level_pos()
             x = var.first_tokens(cond, lvl_pos)
         cache = var.new_cache(2 * B, self.device, self.autocast_dtype or torch.float32)
+        cache_bytes = cache.nbytes()
         H = self.config.var.patch_nums[-1]
         f_hat = torch.zeros(B, self.config.var.z_channels, H, H, device=self.device)
         tokens = []
@@ -157,20 +163,20 @@ class VARPipeline:
             ratio = step.si / max(K - 1, 1)
             if not step.guided and cond.cond_BD.shape[0] == 2 * B:  # guidance stops: drop the unconditional rows
                 cond, cache = cond.first_rows(B), cache.first_rows(B)
-            with timer.section(f"transformer.scale{step.si}"), self._autocast():
+            with timer.section(scale_section(step.si)), self._autocast():
                 logits = self.step_fn(x, cond, cache, step)
             guided = guide(logits, rows.cfg, ratio) if step.guided else logits
             if on_guided_logits is not None:
                 on_guided_logits(step.si, guided.clone())
-            with timer.section("sampling"):
+            with timer.section(Stage.SAMPLING):
                 idx_Bl, h_BlC = self._sample_scale(guided, rows, noise, ratio)
             tokens.append(idx_Bl)
-            with timer.section("latent"):
+            with timer.section(Stage.LATENT):
                 pn = self.config.var.patch_nums[step.si]
                 next_BChw = quant.next_input(step.si, f_hat, h_BlC.transpose(1, 2).reshape(B, -1, pn, pn))
             if not step.is_last:
                 x = self._next_tokens(next_BChw, steps[step.si + 1], lvl_pos)
-        return tokens, f_hat
+        return tokens, f_hat, cache_bytes
 
     def _sample_scale(
         self, guided_BlV: torch.Tensor, rows: RowSampling, noise: NoiseSource, ratio: float

@@ -5,6 +5,8 @@ Module and parameter names follow the official code so `vae_ch160v4096z32.pth` l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,9 +185,12 @@ class VQVAE(nn.Module):
     def img_to_idxBl(self, img_BCHW: torch.Tensor) -> list[torch.Tensor]:
         return self.quantize.f_to_idxBl(self.img_to_f(img_BCHW))
 
-    def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        """Decoded images clamped to [-1, 1]."""
-        img = per_sample(lambda f: self.decoder(self.post_quant_conv(f)), f_hat_BChw)
+    def fhat_to_img(
+        self, f_hat_BChw: torch.Tensor, decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Decoded images clamped to [-1, 1]; `decoder` runs in place of `self.decoder` (a compiled form)."""
+        decode = self.decoder if decoder is None else decoder
+        img = per_sample(lambda f: decode(self.post_quant_conv(f)), f_hat_BChw)
         return img.contiguous().clamp_(-1, 1)
 
     def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor:

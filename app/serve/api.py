@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.model.timing import Stage
 from app.serve.batching import GenerationResult
 from app.serve.encoding import MEDIA_TYPES, encode_images, negotiate
 from app.serve.errors import ClientDisconnected, NotAcceptable
@@ -62,7 +63,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     t0 = time.perf_counter()
     encoded = await asyncio.to_thread(encode_images, result.images, fmt)
     encode_s = time.perf_counter() - t0
-    service.metrics.stage_seconds.labels(job.variant, "encode").observe(encode_s)
+    service.metrics.stage_seconds.labels(job.variant, Stage.ENCODE).observe(encode_s)
     timings = timings_of(result, encode_s, time.perf_counter() - arrived)
     headers = {"Server-Timing": server_timing(timings)}
     if raw_format:
@@ -122,18 +123,18 @@ def timings_of(result: GenerationResult, encode_s: float, total_s: float) -> Tim
     st = result.stage_s
     return Timings(
         queued_ms=1000 * result.queued_s,
-        transformer_ms=1000 * st.get("transformer", 0.0),
-        sampling_ms=1000 * st.get("sampling", 0.0),
-        latent_ms=1000 * st.get("latent", 0.0),
-        decode_ms=1000 * st.get("decode", 0.0),
+        transformer_ms=1000 * st.get(Stage.TRANSFORMER, 0.0),
+        sampling_ms=1000 * st.get(Stage.SAMPLING, 0.0),
+        latent_ms=1000 * st.get(Stage.LATENT, 0.0),
+        decode_ms=1000 * st.get(Stage.DECODE, 0.0),
         encode_ms=1000 * encode_s,
         total_ms=1000 * total_s,
     )
 
 
 def server_timing(t: Timings) -> str:
-    parts = {"queue": t.queued_ms, "transformer": t.transformer_ms, "sampling": t.sampling_ms}
-    parts |= {"latent": t.latent_ms, "decode": t.decode_ms, "encode": t.encode_ms, "total": t.total_ms}
+    parts = {"queue": t.queued_ms, Stage.TRANSFORMER: t.transformer_ms, Stage.SAMPLING: t.sampling_ms}
+    parts |= {Stage.LATENT: t.latent_ms, Stage.DECODE: t.decode_ms, Stage.ENCODE: t.encode_ms, "total": t.total_ms}
     return ", ".join(f"{k};dur={v:.2f}" for k, v in parts.items())
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
 from app.model.sampling import SamplingParams
+from app.model.timing import Stage
 
 
 @dataclass(frozen=True)
@@ -34,30 +36,51 @@ class GenerationResult:
     seeds: tuple[int, ...]
     variant: str
     queued_s: float  # from arrival to the start of its first batch
-    stage_s: dict[str, float]  # transformer, sampling, latent, decode: summed over the request's batches
+    stage_s: dict[Stage, float]  # the pipeline's stages, summed over the request's batches
     batch_sizes: list[int]
 
 
+class Rejection(StrEnum):
+    """Why a request was not served; the values are the `reason` label of `var_rejections_total`."""
+
+    INVALID = "invalid"
+    BODY_TOO_LARGE = "body_too_large"
+    NOT_ACCEPTABLE = "not_acceptable"
+    QUEUE_FULL = "queue_full"
+    NOT_READY = "not_ready"  # starting, loading, or the load failed
+    DRAINING = "draining"  # shutting down or stopped
+    DEADLINE = "deadline"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    FAILED = "failed"
+
+
 class EngineError(Exception):
-    """Base of the conditions a request can end in besides a result."""
+    """Base of the conditions a request can end in besides a result; each counts as its `rejection`."""
+
+    rejection: Rejection
 
 
 class QueueFull(EngineError):
+    rejection = Rejection.QUEUE_FULL
+
     def __init__(self, queued: int, capacity: int, retry_after_s: int):
         super().__init__(f"queue full: {queued} images waiting, capacity {capacity}")
         self.retry_after_s = retry_after_s
 
 
 class NotAccepting(EngineError):
-    """The engine is not started yet, or is draining for shutdown."""
+    """The engine or service takes no request now: not ready (`Rejection.NOT_READY`) or draining
+    (`Rejection.DRAINING`); `state` says which state in words, for the answer."""
 
-    def __init__(self, reason: str, retry_after_s: int):
-        super().__init__(f"not accepting requests: {reason}")
-        self.reason = reason
+    def __init__(self, rejection: Rejection, state: str, retry_after_s: int):
+        super().__init__(f"not accepting requests: {state}")
+        self.rejection = rejection
         self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(EngineError):
+    rejection = Rejection.DEADLINE
+
     def __init__(self, timeout_s: float, computed: bool):
         what = "partly computed" if computed else "never computed"
         super().__init__(f"deadline of {timeout_s:g} s passed ({what})")
@@ -65,6 +88,8 @@ class DeadlineExceeded(EngineError):
 
 
 class BatchFailed(EngineError):
+    rejection = Rejection.FAILED
+
     def __init__(self, error_id: str):
         super().__init__(f"generation failed (error id {error_id})")
         self.error_id = error_id
@@ -80,7 +105,7 @@ class Pending:
     next_row: int = 0  # rows [0, next_row) have been handed to a batch
     started: float | None = None
     images: list[torch.Tensor | None] = field(default_factory=list)
-    stage_s: dict[str, float] = field(default_factory=dict)
+    stage_s: dict[Stage, float] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

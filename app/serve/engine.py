@@ -16,13 +16,15 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from app.model.memory import peak_above_start
 from app.model.pipeline import Generation
 from app.model.sampling import SamplingParams
-from app.model.timing import StageTimer
+from app.model.timing import Stage, StageTimer
 from app.serve.batching import (
     BatchFailed,
     BatchRow,
@@ -32,12 +34,30 @@ from app.serve.batching import (
     NotAccepting,
     Pending,
     QueueFull,
+    Rejection,
     next_batch,
     queued_rows,
 )
 from app.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the engine takes no request now, as its NotAccepting answer says it."""
+
+    rejection: Rejection
+    state: str
+    retry_after_s: int
+
+    def error(self) -> NotAccepting:
+        return NotAccepting(self.rejection, self.state, self.retry_after_s)
+
+
+NOT_STARTED = Refusal(Rejection.NOT_READY, "not started", 5)
+DRAINING = Refusal(Rejection.DRAINING, "draining", 1)
+STOPPED = Refusal(Rejection.DRAINING, "stopped", 5)
 
 
 class Pipeline(Protocol):
@@ -70,7 +90,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
         self._scheduler: asyncio.Task[None] | None = None
-        self._refusal: str | None = "not started"  # None while accepting
+        self._refusal: Refusal | None = NOT_STARTED  # None while accepting
         self._batch_s = 0.1  # running estimate of one batch's seconds, for Retry-After
         if metrics:
             for name in self.pipelines:
@@ -85,7 +105,11 @@ class Engine:
         for name, pipe in self.pipelines.items():
             t0 = time.monotonic()
             for bs in batch_sizes:
-                await loop.run_in_executor(self._executor, _compute, pipe, [0] * bs, [params] * bs, list(range(bs)))
+                out = await loop.run_in_executor(
+                    self._executor, _compute, pipe, [0] * bs, [params] * bs, list(range(bs))
+                )
+                if self.metrics:  # the memory a batch of each size needs is known before the first request
+                    self.metrics.record_memory(name, out.kv_cache_bytes, out.peak_bytes)
             log.info("warmed up %s at batch sizes %s in %.1f s", name, list(batch_sizes), time.monotonic() - t0)
 
     def start(self) -> None:
@@ -94,27 +118,23 @@ class Engine:
 
     async def drain(self, grace_s: float) -> int:
         """Refuse new requests, give accepted ones grace_s to finish; fail what is left. Returns how many."""
-        self._refusal = "draining"
+        self._refusal = DRAINING
         if self._futures:
             await asyncio.wait(list(self._futures.values()), timeout=grace_s)
         left = list(self._futures)
         for p in left:
-            self._finish(p, NotAccepting("shut down before it was computed", retry_after_s=1))
+            self._finish(p, NotAccepting(Rejection.DRAINING, "shut down before it was computed", retry_after_s=1))
         return len(left)
 
     async def stop(self) -> None:
-        self._refusal = "stopped"
+        self._refusal = STOPPED
         if self._scheduler:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
         for p in list(self._futures):
-            self._finish(p, NotAccepting("stopped", retry_after_s=1))
+            self._finish(p, NotAccepting(Rejection.DRAINING, "stopped", retry_after_s=1))
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def accepting(self) -> bool:
-        return self._refusal is None
 
     def queued_images(self) -> int:
         return queued_rows(self._queue)
@@ -139,7 +159,7 @@ class Engine:
 
     def _admit(self, request: GenerationRequest) -> Pending:
         if self._refusal is not None:
-            raise NotAccepting(self._refusal, retry_after_s=1 if self._refusal == "draining" else 5)
+            raise self._refusal.error()
         if request.variant not in self.pipelines:
             raise ValueError(f"unknown variant {request.variant!r}; loaded: {', '.join(self.pipelines)}")
         queued = queued_rows(self._queue)
@@ -201,14 +221,13 @@ class Engine:
         t0 = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
-            images, stage_s = await loop.run_in_executor(
-                self._executor, _compute, self.pipelines[variant], labels, params, seeds
-            )
+            out = await loop.run_in_executor(self._executor, _compute, self.pipelines[variant], labels, params, seeds)
             self._inflight[variant] = 0
             self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - t0)
             if self.metrics:
-                self.metrics.record_batch(variant, len(rows), stage_s)
-            self._deliver(rows, pendings, images, stage_s)
+                self.metrics.record_batch(variant, len(rows), out.stage_s)
+                self.metrics.record_memory(variant, out.kv_cache_bytes, out.peak_bytes)
+            self._deliver(rows, pendings, out.images, out.stage_s)
         except Exception:  # only this batch's requests fail; the scheduler goes on
             self._inflight[variant] = 0
             self._fail_batch(variant, pendings, rows)
@@ -230,7 +249,7 @@ class Engine:
             self._finish(p, BatchFailed(error_id))
 
     def _deliver(
-        self, rows: list[BatchRow], pendings: list[Pending], images: torch.Tensor, stage_s: dict[str, float]
+        self, rows: list[BatchRow], pendings: list[Pending], images: torch.Tensor, stage_s: dict[Stage, float]
     ) -> None:
         for i, r in enumerate(rows):
             r.pending.images[r.row] = images[i]
@@ -247,16 +266,17 @@ class Engine:
                 self._finish(p, result)
 
 
-def _compute(
-    pipe: Pipeline, labels: list[int], params: list[SamplingParams], seeds: list[int]
-) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class BatchOutput:
+    images: torch.Tensor  # on the CPU
+    stage_s: dict[Stage, float]
+    kv_cache_bytes: int  # allocated by the pipeline for this batch
+    peak_bytes: int | None  # `peak_above_start` of the batch; None where not measurable
+
+
+def _compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], seeds: list[int]) -> BatchOutput:
     """Runs in the worker thread: one batch through the pipeline, images back on the CPU."""
     timer = StageTimer(pipe.device)
-    gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
-    stage_s = {
-        "transformer": timer.total("transformer."),
-        "sampling": timer.seconds.get("sampling", 0.0),
-        "latent": timer.seconds.get("latent", 0.0),
-        "decode": timer.seconds.get("decode", 0.0),
-    }
-    return gen.images.float().cpu(), stage_s
+    with peak_above_start(pipe.device) as peak:
+        gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
+    return BatchOutput(gen.images.float().cpu(), timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes)

@@ -7,7 +7,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from app.serve.batching import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull
+from app.serve.batching import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull, Rejection
 from app.serve.metrics import ServeMetrics
 
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer
@@ -29,38 +29,40 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None, error
 
 
 def install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
-    reject = metrics.rejections.labels
+    def reject(reason: Rejection) -> None:
+        metrics.rejections.labels(reason).inc()
 
     async def on_invalid(request: Request, exc: Exception) -> Response:
-        reject("invalid").inc()
+        reject(Rejection.INVALID)
         assert isinstance(exc, RequestValidationError)
         return await request_validation_exception_handler(request, exc)
 
     async def on_queue_full(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, QueueFull)
-        reject("queue_full").inc()
+        reject(exc.rejection)
         return error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     async def on_not_accepting(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, NotAccepting)
-        reject("not_ready" if exc.reason in ("loading", "not started", "model failed to load") else "draining").inc()
+        reject(exc.rejection)
         return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     async def on_deadline(request: Request, exc: Exception) -> Response:
-        reject("deadline").inc()
+        assert isinstance(exc, DeadlineExceeded)
+        reject(exc.rejection)
         return error(504, str(exc))
 
     async def on_batch_failed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BatchFailed)
-        reject("failed").inc()
+        reject(exc.rejection)
         return error(500, str(exc), error_id=exc.error_id)
 
     async def on_not_acceptable(request: Request, exc: Exception) -> Response:
-        reject("not_acceptable").inc()
+        reject(Rejection.NOT_ACCEPTABLE)
         return error(406, str(exc))
 
     async def on_disconnected(request: Request, exc: Exception) -> Response:
-        reject("client_disconnected").inc()
+        reject(Rejection.CLIENT_DISCONNECTED)
         return Response(status_code=CLIENT_CLOSED)
 
     app.add_exception_handler(RequestValidationError, on_invalid)

@@ -1,7 +1,8 @@
 """Every Prometheus metric of the service, declared once, in one registry per service instance.
 
-Label values are bounded: `variant` takes the configured variant names, `stage` the pipeline's stages,
-`status` HTTP status codes the service answers with, `reason` the fixed rejection reasons below.
+Label values are bounded: `variant` takes the configured variant names, `stage` the values of `Stage` (the
+pipeline's stages and the API's encode), `status` HTTP status codes the service answers with, `reason` the
+values of `Rejection`.
 A registry per instance (not the global one) lets tests build several services in one process.
 """
 
@@ -22,19 +23,19 @@ from prometheus_client import (
     generate_latest,
 )
 
-STAGES = ("transformer", "sampling", "latent", "decode", "encode")
-REJECTION_REASONS = (
-    "invalid",
-    "body_too_large",
-    "not_acceptable",
-    "queue_full",
-    "not_ready",
-    "draining",
-    "deadline",
-    "client_disconnected",
-    "failed",
+from app.model.timing import Stage
+from app.serve.batching import Rejection
+
+# Renard's R10 series (10 edges per decade, each about 26% above the last) from 5 ms to 2.5 s, where the demo
+# model's and a GPU's latencies lie, then coarse up to 300 s: 34 buckets. histogram_quantile interpolates
+# within a bucket, so a quantile is off by at most one bucket's width.
+LATENCY_BUCKETS = (
+    *(0.005, 0.0063, 0.008),
+    *(0.01, 0.0125, 0.016, 0.02, 0.025, 0.0315, 0.04, 0.05, 0.063, 0.08),
+    *(0.1, 0.125, 0.16, 0.2, 0.25, 0.315, 0.4, 0.5, 0.63, 0.8),
+    *(1.0, 1.25, 1.6, 2.0, 2.5),
+    *(5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 UNKNOWN_VARIANT = "unknown"  # label of requests whose variant was not (validly) named
 
 
@@ -53,9 +54,11 @@ class ServeMetrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)
         self.variants = tuple(variants)
+        self._kv_cache_max: dict[str, int] = {}
+        self._batch_peak_max: dict[str, int] = {}
         self.request_seconds = Histogram(
             "var_request_duration_seconds",
-            "POST /generate, arrival to answer",
+            "POST /generate answered with images (status 200), arrival to answer; refusals and errors are not observed",
             ["variant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -100,16 +103,43 @@ class ServeMetrics:
         self.shared_weight_bytes = Gauge(
             "var_shared_weight_bytes", "weights shared by several variants (the VQVAE when unchanged)", registry=r
         )
+        self.resident_bytes = Gauge(
+            "var_model_resident_bytes",
+            "weights this variant computes with: its own plus the shared ones it uses (the sum over variants "
+            "counts shared weights once per variant)",
+            ["variant"],
+            registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "var_kv_cache_bytes",
+            "KV cache of the largest batch computed so far (warm-up included), from its tensors",
+            ["variant"],
+            registry=r,
+        )
+        self.batch_peak_bytes = Gauge(
+            "var_batch_peak_memory_bytes",
+            "most memory a batch held above what was held at its start, largest so far (warm-up included): on "
+            "CUDA allocated device memory; on CPU growth of the process's resident set, a lower bound",
+            ["variant"],
+            registry=r,
+        )
         self.gpu_allocated_bytes = Gauge("var_gpu_memory_allocated_bytes", "CUDA memory allocated", registry=r)
         self.gpu_reserved_bytes = Gauge("var_gpu_memory_reserved_bytes", "CUDA memory reserved", registry=r)
         self.model_info = Info("var_model", "the served model", registry=r)
         self.variant_info = Info("var_variant", "passes of each loaded variant", ["variant"], registry=r)
         self.ready = Gauge("var_ready", "1 when loaded, warmed up and accepting", registry=r)
-        for reason in REJECTION_REASONS:
+        for reason in Rejection:
             self.rejections.labels(reason)  # exported at 0 from the start
-        for v in self.variants:
+        for v in self.variants:  # exported at 0 from the start, so that rate() sees the first increase
             self.images_generated.labels(v)
             self.batch_failures.labels(v)
+            self.requests.labels(v, "200")
+            self.request_seconds.labels(v)
+            self.queue_wait_seconds.labels(v)
+            self.batch_size.labels(v)
+            self.images_per_request.labels(v)
+            for stage in Stage:
+                self.stage_seconds.labels(v, stage)
 
     def label(self, variant: str | None) -> str:
         """A variant name safe to use as a label value (clients cannot create new series)."""
@@ -124,11 +154,19 @@ class ServeMetrics:
             self.gpu_allocated_bytes.set_function(lambda: torch.cuda.memory_allocated(device))
             self.gpu_reserved_bytes.set_function(lambda: torch.cuda.memory_reserved(device))
 
-    def record_batch(self, variant: str, size: int, stage_s: dict[str, float]) -> None:
+    def record_batch(self, variant: str, size: int, stage_s: dict[Stage, float]) -> None:
         self.batch_size.labels(variant).observe(size)
         self.images_generated.labels(variant).inc(size)
         for stage, seconds in stage_s.items():
             self.stage_seconds.labels(variant, stage).observe(seconds)
+
+    def record_memory(self, variant: str, kv_cache_bytes: int, peak_bytes: int | None) -> None:
+        """Raise the variant's high-water marks of KV cache and batch memory (peak_bytes None: not measured)."""
+        kv = self._kv_cache_max[variant] = max(self._kv_cache_max.get(variant, 0), kv_cache_bytes)
+        self.kv_cache_bytes.labels(variant).set(kv)
+        if peak_bytes is not None:
+            peak = self._batch_peak_max[variant] = max(self._batch_peak_max.get(variant, 0), peak_bytes)
+            self.batch_peak_bytes.labels(variant).set(peak)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,22 +1,25 @@
 """Load a checkpoint folder once and build every configured variant from it, sharing what is unchanged.
 
 Each variant gets its own copy of the transformer (passes rewrite it); the VQVAE is shared by every
-variant whose passes left its modules and tensors unchanged. Memory is accounted per variant.
+variant whose passes left its modules, its tensors and the pipeline's decoder hook unchanged. Memory is
+accounted per variant. Variants with windowed attention share one window plan: the checkpoint's, or one
+calibrated at load when asked for.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from app.compress import VARIANTS, apply_variant
+from app.compress import WINDOWED_ATTENTION, apply_variant, variant_spec
+from app.compress.attention_passes import PlanOrigin, window_plan
+from app.compress.registry import VariantSpec
+from app.compress.windows import WindowPlan
 from app.model.checkpoint import load_folder
 from app.model.config import PipelineConfig
 from app.model.memory import module_bytes
@@ -27,10 +30,11 @@ from app.model.sampling import SamplingParams
 @dataclass
 class ServedVariant:
     name: str
+    spec: VariantSpec
     pipeline: VARPipeline
-    passes: list[dict[str, Any]]
     weight_bytes: int  # held for this variant alone
     shares_vqvae: bool
+    window_plan: PlanOrigin | None  # where its window plan came from; None without windowed attention
 
 
 @dataclass
@@ -50,6 +54,11 @@ class ServedModel:
     def image_size(self) -> int:
         return self.config.vqvae.image_size
 
+    def resident_bytes(self, name: str) -> int:
+        """The weights variant `name` computes with: its own plus the shared VQVAE when it uses it."""
+        v = self.variants[name]
+        return v.weight_bytes + (self.shared_bytes if v.shares_vqvae else 0)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -57,47 +66,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(folder: Path, variant_names: Sequence[str], device: torch.device) -> ServedModel:
+def load_model(
+    folder: Path, variant_names: Sequence[str], device: torch.device, *, calibrate_missing_plans: bool = False
+) -> ServedModel:
+    """Every variant of `variant_names` from one load of `folder`. Windowed variants need the folder's window
+    plan; without one, loading refuses (MissingWindowPlan names the command that saves one) unless
+    `calibrate_missing_plans`, which calibrates one plan for them all on the unmodified model."""
     base = load_folder(folder).to(device)
     model = ServedModel(folder, base.config, device)
+    plan, origin = _shared_window_plan(base, variant_names, calibrate_missing_plans)
     if len(variant_names) == 1:  # nothing to share: transform the loaded pipeline itself
         name = variant_names[0]
-        pipe = apply_variant(name, base)
-        model.variants[name] = ServedVariant(
-            name, pipe, describe_passes(name), module_bytes(pipe.var, pipe.vqvae), False
-        )
+        pipe = apply_variant(name, base, window_plan=plan)
+        model.variants[name] = _served(name, pipe, module_bytes(pipe.var, pipe.vqvae), False, origin)
         return model
     shared = False
     for name in variant_names:
-        pipe = apply_variant(name, copy.deepcopy(base))
-        shares = interchangeable(pipe.vqvae, base.vqvae)
+        pipe = apply_variant(name, copy.deepcopy(base), window_plan=plan)
+        shares = vqvae_shareable(pipe, base)
         if shares:
-            pipe.vqvae = base.vqvae  # the copy is dropped
+            pipe.vqvae, pipe.decoder_fn = base.vqvae, base.decoder_fn  # the copy is dropped
             shared = True
         own = module_bytes(pipe.var) if shares else module_bytes(pipe.var, pipe.vqvae)
-        model.variants[name] = ServedVariant(name, pipe, describe_passes(name), own, shares)
+        model.variants[name] = _served(name, pipe, own, shares, origin)
     model.shared_bytes = module_bytes(base.vqvae) if shared else 0
     return model
 
 
-def describe_passes(variant: str) -> list[dict[str, Any]]:
-    """Each pass's name, options (keyword arguments bound with functools.partial) and summary."""
-    out = []
-    for p in VARIANTS[variant]:
-        fn, options = (p.func, dict(p.keywords)) if isinstance(p, functools.partial) else (p, {})
-        doc = (fn.__doc__ or "").strip().splitlines()
-        summary = doc[0] if doc else ""
-        options = {k: v if isinstance(v, int | float | str | bool | None) else repr(v) for k, v in options.items()}
-        out.append({"name": getattr(fn, "__name__", repr(fn)), "options": options, "summary": summary})
-    return out
+def _shared_window_plan(
+    base: VARPipeline, variant_names: Sequence[str], calibrate_missing: bool
+) -> tuple[WindowPlan | None, PlanOrigin | None]:
+    """The window plan of the windowed variants, found (or calibrated) once before any pass runs."""
+    if not any(variant_spec(name).uses(WINDOWED_ATTENTION) for name in variant_names):
+        return None, None
+    return window_plan(base, calibrate_missing=calibrate_missing)
+
+
+def _served(name: str, pipe: VARPipeline, weight_bytes: int, shares: bool, origin: PlanOrigin | None) -> ServedVariant:
+    spec = variant_spec(name)
+    return ServedVariant(name, spec, pipe, weight_bytes, shares, origin if spec.uses(WINDOWED_ATTENTION) else None)
+
+
+def vqvae_shareable(pipe: VARPipeline, base: VARPipeline) -> bool:
+    """Whether the variant `pipe` may use the VQVAE of `base` (its unmodified source) instead of its own: its
+    decoder hook is still its plain decoder module (a compiled one would be dropped by the swap) and its VQVAE
+    can stand in for the base's."""
+    return pipe.decoder_fn is pipe.vqvae.decoder and interchangeable(pipe.vqvae, base.vqvae)
 
 
 def interchangeable(a: nn.Module, b: nn.Module) -> bool:
     """Whether one module can stand in for the other: same module types, bitwise-equal tensors of the same
-    dtypes, and no `forward` replaced on an instance (a compiled one, which sharing would drop)."""
+    dtypes."""
     if [type(m) for m in a.modules()] != [type(m) for m in b.modules()]:
-        return False
-    if any("forward" in vars(m) for m in (*a.modules(), *b.modules())):
         return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)

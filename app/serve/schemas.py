@@ -40,6 +40,8 @@ class GeneratedImage(BaseModel):
 
 
 class Timings(BaseModel):
+    """Milliseconds per stage (`app.model.timing.Stage`: one `<stage>_ms` field each), queueing and total."""
+
     queued_ms: float = Field(description="arrival to the start of the request's first batch")
     transformer_ms: float
     sampling_ms: float
@@ -58,8 +60,3 @@ class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     timings: Timings
     batch_sizes: list[int] = Field(description="images per batch that computed this request's images")
-
-
-class ErrorBody(BaseModel):
-    detail: str
-    error_id: str | None = None

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from app.serve.batching import NotAccepting
+from app.serve.batching import NotAccepting, Rejection
 from app.serve.encoding import MEDIA_TYPES
 from app.serve.engine import Engine
 from app.serve.limits import Limits
 from app.serve.metrics import ServeMetrics, versions
-from app.serve.models import ServedModel, load_model, resolve_device
+from app.serve.models import ServedModel, ServedVariant, load_model, resolve_device
 from app.serve.schemas import CFG_MAX, SEED_MAX
 from app.serve.settings import ServeSettings
 
@@ -61,7 +61,9 @@ class Service:
                 torch.set_num_threads(s.torch_threads)
             t0 = time.monotonic()
             device = resolve_device(s.device)
-            self.model = model = await asyncio.to_thread(load_model, s.model_dir, s.variants, device)
+            self.model = model = await asyncio.to_thread(
+                load_model, s.model_dir, s.variants, device, calibrate_missing_plans=s.calibrate_missing_plans
+            )
             pipes = {name: v.pipeline for name, v in model.variants.items()}
             engine = Engine(
                 pipes,
@@ -99,9 +101,15 @@ class Service:
         )
         m.model_info.info({"model": str(model.folder), "preset": cfg.name, "device": str(model.device), **versions()})
         for name, v in model.variants.items():
-            passes = ",".join(p["name"] for p in v.passes)
-            m.variant_info.labels(name).info({"passes": passes, "shares_vqvae": str(v.shares_vqvae).lower()})
+            passes = ",".join(p["name"] for p in v.spec.describe())
+            info = {
+                "passes": passes,
+                "shares_vqvae": str(v.shares_vqvae).lower(),
+                "window_plan": v.window_plan or "none",
+            }
+            m.variant_info.labels(name).info(info)
             m.weight_bytes.labels(name).set(v.weight_bytes)
+            m.resident_bytes.labels(name).set(model.resident_bytes(name))
         m.shared_weight_bytes.set(model.shared_bytes)
         m.watch_gpu(model.device)
 
@@ -109,7 +117,10 @@ class Service:
         """The engine and limits, or NotAccepting (503) while loading, draining or after a failed load."""
         if self.phase is not Phase.READY or self.engine is None or self.limits is None:
             retry = 5 if self.phase is Phase.LOADING else 1
-            raise NotAccepting(self.phase.value if self.phase is not Phase.FAILED else "model failed to load", retry)
+            if self.phase is Phase.DRAINING:
+                raise NotAccepting(Rejection.DRAINING, self.phase.value, retry)
+            state = "model failed to load" if self.phase is Phase.FAILED else self.phase.value
+            raise NotAccepting(Rejection.NOT_READY, state, retry)
         return self.engine, self.limits
 
     def describe(self) -> dict[str, Any]:
@@ -134,10 +145,7 @@ class Service:
             "device": str(m.device),
             "classes": [{"label": i, "name": name} for i, name in enumerate(names)],
             "default_variant": lim.default_variant,
-            "variants": [
-                {"name": v.name, "passes": v.passes, "weight_bytes": v.weight_bytes, "shares_vqvae": v.shares_vqvae}
-                for v in m.variants.values()
-            ],
+            "variants": [_variant(v) for v in m.variants.values()],
             "shared_weight_bytes": m.shared_bytes,
             "defaults": dataclasses.asdict(lim.defaults),
             "limits": limits,
@@ -165,3 +173,15 @@ class Service:
         await self.drain()
         if self.engine is not None:
             await self.engine.stop()
+
+
+def _variant(v: ServedVariant) -> dict[str, Any]:
+    """A variant in GET /models: what it is for, its passes, its memory, where its window plan came from."""
+    return {
+        "name": v.name,
+        "purpose": v.spec.purpose,
+        "passes": v.spec.describe(),
+        "weight_bytes": v.weight_bytes,
+        "shares_vqvae": v.shares_vqvae,
+        "window_plan": v.window_plan,
+    }

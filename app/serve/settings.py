@@ -30,6 +30,11 @@ class ServeSettings(BaseSettings):
     max_timeout_s: float = Field(default=600.0, gt=0, description="upper limit of timeout_s")
     drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM, time given to accepted work")
     warmup: bool = Field(default=True, description="run every variant at every batch size before becoming ready")
+    calibrate_missing_plans: bool = Field(
+        default=False,
+        description="calibrate a window plan at load for windowed variants of a checkpoint without "
+        "window_plan.safetensors (slow; otherwise they refuse to load)",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     log_level: str = Field(default="info", description="uvicorn and app log level")

@@ -13,7 +13,7 @@ import torch
 from app.compress import VARIANTS, apply_variant
 from app.model.checkpoint import open_pipeline
 from app.model.config import PRESETS
-from app.model.timing import StageTimer
+from app.model.timing import Stage, StageTimer
 from app.tools.images import save_grid
 
 
@@ -45,9 +45,9 @@ def generate_command(a: argparse.Namespace) -> int:
     print(f"wrote {a.out} ({a.num_images} image(s), class {a.class_label}, seeds {seeds[0]}..{seeds[-1]})")
     print(f"model load + variant {a.variant!r}: {load_s:.2f} s on {pipe.device}")
     print(f"generation: {total_s:.3f} s")
-    print(f"  transformer {timer.total('transformer.'):.3f} s")
+    print(f"  {Stage.TRANSFORMER} {timer.stage_seconds()[Stage.TRANSFORMER]:.3f} s")
     for k, v in timer.seconds.items():
-        print(f"    {k:<22} {v:.3f} s" if k.startswith("transformer") else f"  {k:<24} {v:.3f} s")
+        print(f"    {k:<22} {v:.3f} s" if k.startswith(Stage.TRANSFORMER) else f"  {k:<24} {v:.3f} s")
     return 0
 
 

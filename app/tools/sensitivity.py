@@ -20,12 +20,12 @@ from app.quality.evaluation import NOISE_FLOOR_SEED_OFFSET, EvalRun, Judge, Prom
 from app.quality.fashion_mnist import DEFAULT_DIR
 from app.tools.evaluate import HEADER, print_row
 
-FEATURES = Path("model_store/demo_classifier")
+FEATURES = Path("model_store/demo_classifier")  # the CLI's default judge, relative to the working directory
 
 
-def study(model: Path, per_class: int, greedy_per_class: int, batch_size: int) -> list[dict[str, Any]]:
+def study(model: Path, features: Path, per_class: int, greedy_per_class: int, batch_size: int) -> list[dict[str, Any]]:
     base = load_folder(model)
-    judge = Judge.open(FEATURES, DEFAULT_DIR)
+    judge = Judge.open(features, DEFAULT_DIR)
     run = EvalRun(base.config.default_sampling, batch_size, model.name)
     C = base.num_classes
     prompts, greedy = Prompts.make(C, per_class, 0), Prompts.make(C, greedy_per_class, 0)
@@ -50,13 +50,14 @@ def study(model: Path, per_class: int, greedy_per_class: int, batch_size: int) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m app sensitivity", description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("model_store/demo"))
+    ap.add_argument("--features", type=Path, default=FEATURES, help="classifier folder whose features judge quality")
     ap.add_argument("--images-per-class", type=int, default=100)
     ap.add_argument("--greedy-per-class", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     print(HEADER)
-    records = study(a.model, a.images_per_class, a.greedy_per_class, a.batch_size)
+    records = study(a.model, a.features, a.images_per_class, a.greedy_per_class, a.batch_size)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(records, indent=2) + "\n")

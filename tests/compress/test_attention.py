@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.compress.attention import PlannedAttention, route_for
+from app.compress.attention import ROUTES, PlannedAttention, route_for
 from app.compress.attention_passes import attention_flops, cfg_attention_sharing, windowed_attention
 from app.compress.calibrate import AttentionMass, calibrate
 from app.compress.guidance import guidance_off_last
@@ -16,8 +16,8 @@ from app.compress.windows import DROP, FULL, WindowPlan, WindowSettings, band, s
 from app.model.checkpoint import load_folder
 from app.model.kv_cache import ScaleStep, scale_steps
 from app.model.pipeline import VARPipeline
+from tests.conftest import DEMO
 
-DEMO = Path("model_store/demo")
 LABELS, SEEDS = [0, 3, 7], [11, 12, 13]
 TOL = {"atol": 2e-5, "rtol": 1e-4}  # float32 kernels against the float64 reference
 
@@ -49,6 +49,38 @@ def qkv(rows: int, heads: int, step: ScaleStep, seed: int = 0) -> tuple[torch.Te
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(rows, heads, step.num_tokens, 16, generator=g)
     return q, torch.randn(rows, heads, step.end, 16, generator=g), torch.randn(rows, heads, step.end, 16, generator=g)
+
+
+def counting(pipe: VARPipeline) -> VARPipeline:
+    """The pipeline with a PlannedAttention without routes or sharing in every layer: dense, but counted."""
+    for blk in pipe.var.block_list:
+        blk.attn.kernel = PlannedAttention()
+    return pipe
+
+
+def kernels(pipe: VARPipeline) -> list[PlannedAttention]:
+    out = [blk.attn.kernel for blk in pipe.var.block_list]
+    assert all(isinstance(k, PlannedAttention) for k in out)
+    return out  # type: ignore[return-value]
+
+
+def ran(pipe: VARPipeline, scales: set[int] | None = None) -> dict[str, int]:
+    """Calls per route and (query, key) pairs that the pipeline's kernels counted, over all layers (and the
+    given query scales, default all)."""
+    total = dict.fromkeys((*ROUTES, "scores", "weighted"), 0)
+    for k in kernels(pipe):
+        for si, r in k.ran.items():
+            if scales is None or si in scales:
+                for key in total:
+                    total[key] += getattr(r, key)
+    return total
+
+
+def measured_flops(pipe: VARPipeline) -> int:
+    """FLOPs of QK^T and PV from the counted pairs: 2 per multiply-add, head_dim of them per pair."""
+    cfg = pipe.config.var
+    counts = ran(pipe)
+    return 2 * (cfg.embed_dim // cfg.num_heads) * (counts["scores"] + counts["weighted"])
 
 
 # ---- window geometry ---------------------------------------------------------------------------------
@@ -111,10 +143,49 @@ def test_a_plan_that_keeps_everything_reproduces_the_baseline_tokens(demo: VARPi
     windowed = windowed_attention(copy.deepcopy(demo), plan=full)
     a, b = windowed.generate(LABELS, seeds=SEEDS), demo.generate(LABELS, seeds=SEEDS)
     assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens, strict=True))
-    assert attention_flops(windowed, 1) == attention_flops(demo, 1)
+    counts = ran(windowed)
+    assert counts["masked"] == counts["sparse"] == 0  # nothing left out: every scale takes the dense route
+    assert counts["dense"] == cfg.depth * len(cfg.patch_nums)
+    assert measured_flops(windowed) == attention_flops(windowed, len(LABELS)) == attention_flops(demo, len(LABELS))
 
 
-@pytest.mark.parametrize("min_skipped", [2.0, 0.0])  # masked route, block-sparse route
+@pytest.mark.compile
+@pytest.mark.slow
+def test_a_whole_windowed_plan_runs_the_masked_and_the_sparse_route_and_matches_the_masked_reference(
+    demo: VARPipeline, narrow_plan: WindowPlan
+) -> None:
+    """Scales 3-5 (16 to 36 queries) take the masked route, scale 6 (64 queries) the block-sparse one; the
+    reference computes every windowed scale on the masked route (dense scores, -inf outside the windows)."""
+    both = windowed_attention(copy.deepcopy(demo), plan=narrow_plan, min_skipped=0.0, min_queries=64)
+    masked = windowed_attention(copy.deepcopy(demo), plan=narrow_plan, min_skipped=2.0)
+    dense = counting(copy.deepcopy(demo))
+    a = both.generate(LABELS, seeds=SEEDS)
+    ref = masked.generate(LABELS, seeds=SEEDS)
+    base = dense.generate(LABELS, seeds=SEEDS)
+    depth = demo.config.var.depth
+    for k in kernels(both):
+        assert [si for si in sorted(k.ran) if k.ran[si].sparse] == [6]
+        assert [si for si in sorted(k.ran) if k.ran[si].masked] == [3, 4, 5]
+    assert ran(masked)["sparse"] == 0 and ran(masked)["masked"] == 4 * depth
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, ref.tokens, strict=True))
+    assert (a.images - ref.images).abs().max() < 1e-4
+    assert not all(torch.equal(x, y) for x, y in zip(a.tokens, base.tokens, strict=True))  # the windows matter
+    # pairs counted as they ran: the masked route computes every pair, the sparse route skips key blocks
+    last = {6}
+    assert ran(masked, last)["scores"] == ran(dense, last)["scores"]
+    assert ran(both, last)["scores"] < 0.9 * ran(masked, last)["scores"]
+    kept = sum(int(narrow_plan.kept(layer, demo.steps[6]).sum()) for layer in range(depth))
+    assert ran(both, last)["scores"] > 2 * len(LABELS) * kept  # whole blocks: more than the kept pairs
+    assert ran(both)["scores"] < ran(masked)["scores"] == ran(dense)["scores"]
+    # the accounting that the benchmark reports agrees with what ran
+    for pipe in (both, masked, dense):
+        assert measured_flops(pipe) == attention_flops(pipe, len(LABELS))
+
+
+@pytest.mark.parametrize(
+    "min_skipped",
+    [2.0, pytest.param(0.0, marks=[pytest.mark.compile, pytest.mark.slow])],  # masked route, block-sparse route
+)
 def test_windowed_attention_equals_the_dense_masked_reference(narrow_plan: WindowPlan, min_skipped: float) -> None:
     step = scale_steps(narrow_plan.patch_nums)[6]
     kept = narrow_plan.kept(0, step)
@@ -125,14 +196,22 @@ def test_windowed_attention_equals_the_dense_masked_reference(narrow_plan: Windo
     q, k, v = qkv(4, narrow_plan.heads, step)
     out = kernel(q, k, v, scale=0.5, attn_bias=None, step=step)
     torch.testing.assert_close(out.double(), reference(q, k, v, kept, 0.5), **TOL)
+    ran = kernel.ran[step.si]
+    assert (ran.dense, ran.masked, ran.sparse) == ((0, 0, 1) if min_skipped == 0.0 else (0, 1, 0))
+    all_pairs, kept_pairs = 4 * kept.numel(), 4 * int(kept.sum())
+    if min_skipped == 0.0:  # whole 32x32 blocks: more than the kept pairs, fewer than all pairs
+        assert kept_pairs < ran.scores == ran.weighted < 0.9 * all_pairs
+    else:
+        assert ran.scores == ran.weighted == all_pairs
 
 
-def test_the_block_sparse_route_really_computes_fewer_pairs(demo: VARPipeline, narrow_plan: WindowPlan) -> None:
+def test_the_accounting_of_a_sparse_plan_counts_whole_blocks(demo: VARPipeline, narrow_plan: WindowPlan) -> None:
     step = scale_steps(narrow_plan.patch_nums)[6]
     kept = narrow_plan.kept(0, step)
     route = route_for(kept, 0.0)
-    # whole 32x32 blocks: more than the kept pairs, fewer than all pairs
+    # whole 32x32 blocks: more than the kept pairs, fewer than all pairs; the same pairs the kernel visits
     assert route.computed_pairs is not None and int(kept.sum()) < route.computed_pairs < 0.9 * kept.numel()
+    assert route.computed_pairs == route.visited_pairs
     sparse = windowed_attention(copy.deepcopy(demo), plan=narrow_plan, min_skipped=0.0, min_queries=1)
     masked = windowed_attention(copy.deepcopy(demo), plan=narrow_plan)  # small scales: masked, nothing skipped
     assert attention_flops(masked, 2) == attention_flops(demo, 2)
@@ -149,19 +228,39 @@ def test_sharing_gives_the_unconditional_rows_the_conditional_probabilities() ->
     probs = ((q[:2] @ k[:2].transpose(-1, -2)) * 0.7).softmax(-1)
     torch.testing.assert_close(out[2:], probs @ v[2:])
     torch.testing.assert_close(out[:2].double(), reference(q[:2], k[:2], v[:2], all_keys, 0.7), **TOL)
+    row_pairs = 2 * step.num_tokens * step.end  # one row, both heads
+    assert (kernel.ran[4].scores, kernel.ran[4].weighted) == (2 * row_pairs, 4 * row_pairs)  # scores: 2 rows
+    kernel.reset_counts()
     kernel.share_outputs = True
     shared = kernel(q, k, v, scale=0.7, attn_bias=None, step=step)
     assert torch.equal(shared[2:], shared[:2])
+    assert (kernel.ran[4].scores, kernel.ran[4].weighted) == (2 * row_pairs, 2 * row_pairs)
+    kernel.reset_counts()
     unguided = kernel(q, k, v, scale=0.7, attn_bias=None, step=ScaleStep(4, 30, 55, False, guided=False))
     torch.testing.assert_close(unguided.double(), reference(q, k, v, all_keys, 0.7), **TOL)
+    assert (kernel.ran[4].scores, kernel.ran[4].weighted) == (4 * row_pairs, 4 * row_pairs)
 
 
-def test_sharing_skips_a_quarter_or_half_of_the_attention_flops(demo: VARPipeline) -> None:
-    dense = attention_flops(demo, 3)
-    assert attention_flops(cfg_attention_sharing(copy.deepcopy(demo)), 3) == 0.75 * dense
-    assert attention_flops(cfg_attention_sharing(copy.deepcopy(demo), outputs=True), 3) == 0.5 * dense
-    some = cfg_attention_sharing(copy.deepcopy(demo), scales=(6,), layers=(0, 1))
-    assert 0.75 * dense < attention_flops(some, 3) < dense
+def test_sharing_skips_the_unconditional_rows_scores_at_the_shared_scales(demo: VARPipeline) -> None:
+    """Counted as the kernels ran: at a shared scale of a shared layer the unconditional rows compute no
+    scores (probabilities shared) or nothing at all (outputs shared); elsewhere every row computes both."""
+    dense = counting(copy.deepcopy(demo))
+    probs = cfg_attention_sharing(copy.deepcopy(demo))
+    outputs = cfg_attention_sharing(copy.deepcopy(demo), outputs=True)
+    some = cfg_attention_sharing(counting(copy.deepcopy(demo)), scales=(6,), layers=(0, 1))  # 2 of 4 layers
+    for pipe in (dense, probs, outputs, some):
+        pipe.generate(LABELS, seeds=SEEDS)
+    full = ran(dense)
+    assert full["scores"] == full["weighted"] > 0
+    assert (ran(probs)["scores"], ran(probs)["weighted"]) == (full["scores"] // 2, full["weighted"])
+    assert (ran(outputs)["scores"], ran(outputs)["weighted"]) == (full["scores"] // 2, full["weighted"] // 2)
+    for layer, (k, ref) in enumerate(zip(kernels(some), kernels(dense), strict=True)):
+        for si in range(len(demo.steps)):
+            half = layer < 2 and si == 6
+            assert k.ran[si].scores == (ref.ran[si].scores // 2 if half else ref.ran[si].scores), (layer, si)
+            assert k.ran[si].weighted == ref.ran[si].weighted, (layer, si)
+    for pipe in (dense, probs, outputs, some):  # the accounting that the benchmark reports agrees with what ran
+        assert measured_flops(pipe) == attention_flops(pipe, len(LABELS))
 
 
 def test_shared_generation_stays_close_to_the_baseline(demo: VARPipeline) -> None:

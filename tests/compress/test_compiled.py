@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
-from app.compress.compiled import autotuned_step, compiled_step
+from app.compress.compiled import ACCUMULATED_RECOMPILE_LIMIT, RECOMPILE_LIMIT, autotuned_step, compiled_step
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
 from app.compress.windows import DROP, WindowPlan, WindowSettings
@@ -18,6 +18,8 @@ from app.model.checkpoint import random_pipeline
 from app.model.config import PipelineConfig, VARConfig, VQVAEConfig
 from app.model.pipeline import VARPipeline
 from tests.spread_weights import spread_weights
+
+pytestmark = pytest.mark.compile
 
 LABELS, SEEDS = [0, 3], [21, 22]
 COLD_INDUCTOR = {"fx_graph_cache": False, "autotune_local_cache": False}  # nothing reused from earlier runs
@@ -53,6 +55,7 @@ def assert_same_generation(eager: VARPipeline, compiled: VARPipeline, labels: li
     assert (a.images - b.images).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_pipelines_match_their_eager_twins_side_by_side(small: VARPipeline) -> None:
     """Two differently compressed pipelines compiled in one process: each must run its own graphs. Dynamo
     keeps its cache on the code object and the pass skips module guards, so without a code object per
@@ -67,11 +70,23 @@ def test_compiled_pipelines_match_their_eager_twins_side_by_side(small: VARPipel
     assert_same_generation(plain, plain_c, [1, 2, 3], [5, 6, 7])  # a new batch size recompiles with its own graphs
 
 
+@pytest.mark.slow
 def test_compiled_guidance_off_and_sharing_match_eager(small: VARPipeline) -> None:
     """Guidance off at the last scale halves the rows (the cache becomes a view of its first rows) and
     sharing reads the conditional rows' probabilities: both must trace to the eager tokens."""
     eager = cfg_attention_sharing(guidance_off_last(narrow_windows(copy.deepcopy(small)), scales=1))
     assert_same_generation(eager, compiled_step(copy.deepcopy(eager)), LABELS, SEEDS)
+
+
+def test_compiling_fills_the_pipeline_hooks_and_fixed_budgets_leaving_modules_untouched(small: VARPipeline) -> None:
+    """The compiled step and decoder live in the pipeline's hooks; the modules keep their own forward, and
+    Dynamo's process-wide budgets are the same fixed numbers however many pipelines are compiled."""
+    pipes = [compiled_step(copy.deepcopy(small)) for _ in range(3)]
+    for pipe in pipes:
+        assert pipe.step_fn != pipe.var.step and pipe.decoder_fn is not pipe.vqvae.decoder
+        assert not any("forward" in vars(m) for m in (*pipe.var.modules(), *pipe.vqvae.modules()))
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    assert torch._dynamo.config.accumulated_recompile_limit == ACCUMULATED_RECOMPILE_LIMIT
 
 
 def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline) -> None:
@@ -80,6 +95,7 @@ def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline) -> None:
         compiled_step(quantized)
 
 
+@pytest.mark.slow
 def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(
     small: VARPipeline, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import ctypes
+import gc
 
 import pytest
 import torch
@@ -28,13 +29,29 @@ from app.model.config import PRESETS, PipelineConfig, VARConfig, VQVAEConfig
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
+from tests.conftest import DEMO
 
-DEMO = Path(__file__).parents[2] / "model_store" / "demo"
 KERNELS: list[Kernel] = ["fbgemm", "int_mm"]  # int_mm: the CUDA kernel's arithmetic, run on CPU
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
+
+
+MALLINFO2 = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"  # all size_t
+
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO2.split()]
+
+
+def malloc_bytes() -> int:
+    """Bytes in use from glibc's malloc (chunks in use plus mmapped chunks): torch's CPU tensors and fbgemm's
+    packed weights are both allocated there."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def linear(n_in: int, n_out: int, seed: int = 0) -> nn.Linear:
@@ -145,13 +162,24 @@ def test_a_misshapen_state_dict_is_refused() -> None:
         q.load_state_dict(Int8Linear.from_linear(linear(64, 48)).state_dict())
 
 
-@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
-def test_int8_weights_take_about_a_quarter_of_float32(kernel: str) -> None:
-    model = nn.Sequential(linear(1024, 1024), nn.GELU(), linear(1024, 512))
-    float_bytes = module_bytes(model)
-    for i in (0, 2):
-        model[i] = Int8Linear.from_linear(model[i], kernel)  # type: ignore[arg-type]
-    assert 0.25 <= module_bytes(model) / float_bytes < 0.27  # int8 weights, float32 biases and scales
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_weights_take_about_a_quarter_of_float32_as_held_in_memory(kernel: Kernel) -> None:
+    """The bytes reported for int8 layers against the memory they hold: what malloc has in use grows by that
+    much while they are built. fbgemm keeps its packed weight outside any tensor (only this sees it), padded
+    to its cache blocks; the demo model's 256-wide layers show the padding most."""
+    shapes = [(1024, 1024), (1024, 512), (256, 768)]  # (in, out)
+    floats = [linear(k, n, seed=i) for i, (k, n) in enumerate(shapes)]
+    float_bytes = module_bytes(*floats)
+    for lin in floats:  # the first packing of a shape allocates fbgemm's own lasting buffers: not the layers'
+        Int8Linear.from_linear(lin, kernel)
+    gc.collect()
+    before = malloc_bytes()
+    layers = [Int8Linear.from_linear(lin, kernel) for lin in floats]
+    gc.collect()
+    held = malloc_bytes() - before
+    reported = module_bytes(*layers)
+    assert abs(held - reported) < 0.005 * reported, (held, reported)
+    assert 0.25 <= reported / float_bytes < (0.27 if kernel == "int_mm" else 0.4)  # int8 weights, padded by fbgemm
 
 
 # ---- BF16WeightLinear ------------------------------------------------------------------------------
@@ -233,6 +261,7 @@ def test_a_layer_in_both_precisions_is_refused(tiny: VARPipeline) -> None:
         quantize_linears(copy.deepcopy(tiny), int8=("head",), bf16=("head",))
 
 
+@pytest.mark.slow
 def test_greedy_tokens_of_the_first_scales_mostly_agree_with_float(demo: VARPipeline) -> None:
     """The trained demo model, greedy: scale 0 depends on the class only, later scales compound differences
     (bf16 autocast alone changes ~5% of the tokens at scales 1-2; W8A8 measured 95% / 87% agreement)."""

@@ -18,6 +18,7 @@ from app.model.checkpoint import (
     load_pipeline,
     read_state_dict,
 )
+from app.model.checksums import write_sums
 from app.model.config import PRESETS, config_from_official
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
@@ -115,3 +116,21 @@ def test_folder_without_weights_names_what_it_looked_for(tmp_path: Path) -> None
     shutil.copy(TINY / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match=r"var\.safetensors"):
         load_folder(tmp_path)
+
+
+def test_a_folder_is_checked_against_its_sha256sums_naming_every_file_that_differs(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    shutil.copytree(TINY, folder)
+    write_sums(folder)
+    load_folder(folder)  # intact: loads
+    with (folder / "var.pth").open("r+b") as f:  # one flipped byte deep inside the weights
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    (folder / "reference.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_folder(folder)
+    assert "var.pth: SHA-256 differs from SHA256SUMS" in str(err.value)
+    assert "reference.pt: listed in SHA256SUMS, missing" in str(err.value)
+    assert "vae.pth" not in str(err.value)

@@ -15,6 +15,7 @@ from app.train.classifier_trainer import accuracy
 CLASSIFIER = Path(__file__).parents[2] / "model_store" / "demo_classifier"
 
 
+@pytest.mark.data
 def test_shipped_classifier_is_accurate_on_a_test_subset() -> None:
     test = load_split("test").subset(3000)
     assert accuracy(load_classifier(CLASSIFIER), test) >= 0.92

@@ -20,10 +20,11 @@ from PIL import Image
 from app.model.config import DEMO
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
+from app.model.timing import Stage
 from app.serve import service as service_module
 from app.serve.app import create_app
 from app.serve.encoding import encode_images
-from app.serve.schemas import SEED_MAX
+from app.serve.schemas import SEED_MAX, Timings
 from tests.serve.conftest import serve_settings, serving, wait_ready
 
 
@@ -47,6 +48,7 @@ def test_generate_returns_images_with_their_seeds_variant_and_timings(client: Te
     assert body["images"][0]["data"] != body["images"][1]["data"]
     stages = {"queued", "transformer", "sampling", "latent", "decode", "encode", "total"}
     assert set(body["timings"]) == {f"{s}_ms" for s in stages}
+    assert {f"{s}_ms" for s in Stage} | {"queued_ms", "total_ms"} == set(Timings.model_fields)  # one field a stage
     assert body["timings"]["transformer_ms"] > 0 and body["batch_sizes"] == [2]
     assert "transformer;dur=" in r.headers["server-timing"]
 
@@ -190,9 +192,9 @@ def test_503_with_retry_after_until_loaded_and_warmed_up(demo_folder: Path, monk
     loading = threading.Event()
     real_load = service_module.load_model
 
-    def slow_load(*args: Any) -> Any:
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
         assert loading.wait(30)
-        return real_load(*args)
+        return real_load(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "load_model", slow_load)
     with TestClient(warmed_up_app(demo_folder)) as c:
@@ -201,6 +203,8 @@ def test_503_with_retry_after_until_loaded_and_warmed_up(demo_folder: Path, monk
         assert ready.status_code == 503 and ready.json()["status"] == "loading" and "retry-after" in ready.headers
         early = c.post("/generate", json={"class_label": 1})
         assert early.status_code == 503 and early.headers["retry-after"] == "5"
+        assert early.json()["detail"] == "not accepting requests: loading"
+        assert 'var_rejections_total{reason="not_ready"} 1.0' in c.get("/metrics").text
         assert c.get("/models").status_code == 503
         loading.set()
         wait_ready(c)
@@ -213,4 +217,6 @@ def test_a_model_that_fails_to_load_is_not_alive(tmp_path: Path) -> None:
             time.sleep(0.01)
         health = c.get("/healthz")
         assert health.status_code == 503 and "missing" in health.json()["error"]
-        assert c.post("/generate", json={"class_label": 1}).status_code == 503
+        refused = c.post("/generate", json={"class_label": 1})
+        assert refused.status_code == 503 and refused.json()["detail"] == "not accepting requests: model failed to load"
+        assert 'var_rejections_total{reason="not_ready"} 1.0' in c.get("/metrics").text

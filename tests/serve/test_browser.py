@@ -21,6 +21,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.serve.conftest import LiveServer
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 SCALE = 8  # the page shows 32 px images at 256 px, nearest-neighbour

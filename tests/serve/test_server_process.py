@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.serve.conftest import LiveServer, live_server_process
 
@@ -28,8 +29,11 @@ def images_in_progress(server: LiveServer) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_sigterm_drains_accepted_work_then_exits(demo_folder: Path, tmp_path: Path) -> None:
     env = {"VAR_MAX_BATCH_SIZE": "1", "VAR_MAX_IMAGES_PER_REQUEST": "48", "VAR_DRAIN_GRACE_S": "120"}
+    # the default variants include litevar, and the random-weight folder has no window plan: calibrate it at load
+    env["VAR_CALIBRATE_MISSING_PLANS"] = "true"
     with live_server_process(demo_folder, tmp_path / "server.log", **env) as server, ThreadPoolExecutor(1) as pool:
         body = {"class_label": 1, "num_images": 48, "top_k": 0, "top_p": 0}
         accepted = pool.submit(httpx.post, f"{server.url}/generate", json=body, timeout=300)
@@ -49,3 +53,12 @@ def test_server_answers_on_loopback(live_server: LiveServer) -> None:
     assert httpx.get(f"{live_server.url}/healthz").json() == {"status": "alive"}
     r = httpx.post(f"{live_server.url}/generate", json={"class_name": "Sneaker"}, headers={"Accept": "image/webp"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+
+
+def test_a_server_that_cannot_load_says_why_at_once(demo_folder: Path, tmp_path: Path) -> None:
+    """A windowed variant of a folder without a window plan refuses to load; waiting for readiness stops at
+    the failure (not after the readiness time limit) with its cause."""
+    refusal = r"MissingWindowPlan: .*`python -m app\.compress calibrate --model "
+    windows = {"VAR_VARIANTS": "windows"}
+    with pytest.raises(RuntimeError, match=refusal), live_server_process(demo_folder, tmp_path / "log", **windows):
+        pass

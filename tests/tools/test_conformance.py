@@ -12,6 +12,7 @@ from app.tools.conformance import main
 from tests.conftest import SHARED_ALN, TINY
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", [TINY, SHARED_ALN], ids=["depth2", "depth3_shared_aln"])
 def test_shipped_fixture_passes_every_check(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(folder)]) == 0
@@ -20,6 +21,7 @@ def test_shipped_fixture_passes_every_check(folder: Path, capsys: pytest.Capture
     assert sum(line.startswith("PASS") for line in out) == 25
 
 
+@pytest.mark.slow
 def test_perturbed_weights_fail_with_exit_status_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "fixture"
     shutil.copytree(TINY, folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -15,6 +16,8 @@ from app.tools import evaluate
 ROOT = Path(__file__).parents[2]
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_evaluation_writes_records_grids_and_the_noise_floor(tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     argv = ["--model", str(ROOT / "model_store" / "demo"), "--features", str(ROOT / "model_store" / "demo_classifier")]
@@ -50,9 +53,12 @@ def test_any_feature_network_and_reference_file_can_be_given(tmp_path: Path) -> 
     assert metrics["class_accuracy"] is None and metrics["fid"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_compressed_variants_are_judged_on_the_same_prompts_and_plotted(tmp_path: Path) -> None:
     out, png = tmp_path / "eval.json", tmp_path / "quality.png"
     argv = ["--model", str(ROOT / "model_store" / "demo"), "--variants", "baseline,litevar", "--images-per-class", "2"]
+    argv += ["--features", str(ROOT / "model_store" / "demo_classifier")]
     argv += ["--greedy-per-class", "1", "--json", str(out), "--out-dir", str(tmp_path), "--plot", str(png)]
     assert evaluate.main(argv) == 0
     records = json.loads(out.read_text())

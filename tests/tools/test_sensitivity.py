@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.tools.sensitivity import main
+import pytest
+
+from app.__main__ import main
+from tests.conftest import DEMO, DEMO_CLASSIFIER
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 
 def test_the_sensitivity_study_has_a_row_per_layer_type_and_a_noise_floor(tmp_path: Path) -> None:
     out = tmp_path / "sens.json"
-    args = ["sensitivity", "--images-per-class", "1", "--greedy-per-class", "1", "--json", str(out)]
+    args = ["sensitivity", "--model", str(DEMO), "--features", str(DEMO_CLASSIFIER)]
+    args += ["--images-per-class", "1", "--greedy-per-class", "1", "--json", str(out)]
     assert main(args) == 0
     rows = json.loads(out.read_text())
     variants = [r["variant"] for r in rows if r["seed_set"] == "main"]

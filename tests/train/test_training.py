@@ -38,6 +38,8 @@ def _codes_used(vqvae: VQVAE, images: torch.Tensor) -> int:
         return int(torch.cat([t.flatten() for t in vqvae.img_to_idxBl(images)]).unique().numel())
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_vqvae_training_lowers_reconstruction_loss_and_uses_the_codebook(train_images: Split, tmp_path: Path) -> None:
     torch.manual_seed(0)
     vqvae = VQVAE(DEMO.vqvae)
@@ -75,6 +77,8 @@ def test_straight_through_quantizer_passes_decoder_gradients_to_the_encoder() ->
     assert q.vq_loss.item() > 0 and int(q.hits_V.sum()) == 2 * sum(pn * pn for pn in DEMO.vqvae.patch_nums)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_var_training_lowers_token_loss_and_resumes(train_images: Split, tmp_path: Path) -> None:
     torch.manual_seed(0)
     tokens = tokenize(VQVAE(DEMO.vqvae), train_images)
@@ -113,6 +117,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_demo_command_exports_a_loadable_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["demo", "--work", str(tmp_path / "work"), "--out", str(out), "--train-images", "64"]

@@ -1,0 +1,117 @@
+"""Variants as data: every named variant keeps its passes and options, the registry describes itself as plain
+data, typed options reach the pass functions, and windowed attention never calibrates behind the caller's back."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from app.compress import (
+    GUIDANCE_OFF_LAST,
+    PASSES,
+    VARIANTS,
+    WINDOWED_ATTENTION,
+    apply_variant,
+    describe,
+    variant_spec,
+)
+from app.compress.attention import PlannedAttention
+from app.compress.attention_passes import MissingWindowPlan
+from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.registry import PassSpec, Step
+from app.compress.windows import WindowPlan, WindowSettings
+from app.model.checkpoint import random_pipeline
+from app.model.config import DEMO
+from app.model.pipeline import VARPipeline
+
+DEFAULT = "device_default_precision"
+ATTENTION = ["windowed_attention", "cfg_attention_sharing"]
+LITEVAR = [DEFAULT, *ATTENTION, "quantize_linears", "bf16_vqvae"]
+PASSES_OF = {
+    "baseline": [DEFAULT],
+    "bf16": ["autocast_bf16"],
+    "litevar": LITEVAR,
+    "windows": [DEFAULT, "windowed_attention"],
+    "cfg-share": [DEFAULT, "cfg_attention_sharing"],
+    "w8a8": [DEFAULT, "quantize_linears"],
+    "vqvae-bf16": [DEFAULT, "bf16_vqvae"],
+    "guidance-off": [DEFAULT, "guidance_off_last"],
+    "litevar-float": [DEFAULT, *ATTENTION],
+    "compiled": [DEFAULT, "compiled_step"],
+    "autotuned": [DEFAULT, "autotuned_step"],
+    "fastest": [DEFAULT, *ATTENTION, "guidance_off_last", "compiled_step"],
+    "fastest-int8": [*LITEVAR, "guidance_off_last"],
+}
+
+
+@pytest.fixture(scope="module")
+def demo_shaped() -> VARPipeline:
+    """Random weights of the demo's shape, with no checkpoint folder (so no saved window plan)."""
+    return random_pipeline(DEMO, seed=0)
+
+
+def test_every_variant_keeps_its_passes_in_order() -> None:
+    assert {name: [p["name"] for p in v.describe()] for name, v in VARIANTS.items()} == PASSES_OF
+    unguided = {name for name, v in VARIANTS.items() if v.uses(GUIDANCE_OFF_LAST)}
+    assert unguided == {"guidance-off", "fastest", "fastest-int8"}
+    for name in unguided:
+        options = [step.options for step in VARIANTS[name].steps if step.spec is GUIDANCE_OFF_LAST]
+        assert options == [GuidanceOff(scales=1)], name
+    windowed = {name for name, v in VARIANTS.items() if v.uses(WINDOWED_ATTENTION)}
+    assert windowed == {"litevar", "windows", "litevar-float", "fastest", "fastest-int8"}
+
+
+def test_the_registry_describes_itself_as_plain_data() -> None:
+    described = describe()
+    assert json.loads(json.dumps(described)) == described  # nothing but JSON values
+    assert set(described) == set(VARIANTS) and all(v["purpose"] for v in described.values())
+    quantize = described["litevar"]["passes"][3]
+    assert quantize["options"]["bf16"] == ["ffn.fc2"] and quantize["summary"] == PASSES["quantize_linears"].summary
+    assert described["fastest-int8"]["passes"][-1]["options"] == {"scales": 1}
+    assert described["baseline"]["passes"] == [{"name": DEFAULT, "options": {}, "summary": PASSES[DEFAULT].summary}]
+    assert all(spec.summary and "\n" not in spec.summary for spec in PASSES.values())
+
+
+def test_an_unknown_variant_names_the_known_ones(demo_shaped: VARPipeline) -> None:
+    with pytest.raises(ValueError, match="unknown variant 'turbo'; known variants: baseline, bf16, litevar"):
+        apply_variant("turbo", demo_shaped)
+    with pytest.raises(ValueError, match="fastest-int8"):
+        variant_spec("turbo")
+
+
+def test_typed_options_reach_the_pass_function(demo_shaped: VARPipeline) -> None:
+    pipe = apply_variant("guidance-off", copy.deepcopy(demo_shaped))
+    assert pipe.guided_scales == len(DEMO.var.patch_nums) - 1  # scales=1, not the function's default of 2
+    assert Step(GUIDANCE_OFF_LAST).options == GuidanceOff()  # no options given: the defaults
+
+
+def test_options_must_match_the_function_and_its_defaults() -> None:
+    @dataclass(frozen=True)
+    class Renamed:
+        last: int = 2
+
+    @dataclass(frozen=True)
+    class OtherDefault:
+        scales: int = 1
+
+    for options_type in (Renamed, OtherDefault):
+        with pytest.raises(TypeError, match="not keyword options of guidance_off_last"):
+            PassSpec("guidance_off_last", guidance_off_last, options_type, "summary")
+    with pytest.raises(TypeError, match="takes GuidanceOff options"):
+        Step(GUIDANCE_OFF_LAST, OtherDefault())
+    with pytest.raises(TypeError, match="takes no options"):
+        Step(PASSES[DEFAULT], GuidanceOff())
+
+
+def test_windowed_attention_refuses_without_a_plan_and_uses_a_given_one(demo_shaped: VARPipeline) -> None:
+    with pytest.raises(MissingWindowPlan, match=re.escape("python -m app.compress calibrate --model <folder>")):
+        apply_variant("windows", copy.deepcopy(demo_shaped))
+    cfg = DEMO.var
+    plan = WindowPlan.full(cfg.depth, cfg.num_heads, cfg.patch_nums, WindowSettings(dense_scales=5))
+    pipe = apply_variant("windows", copy.deepcopy(demo_shaped), window_plan=plan)
+    kernels = [blk.attn.kernel for blk in pipe.var.block_list]
+    assert all(isinstance(k, PlannedAttention) and set(k.routes) == {5, 6} for k in kernels)

@@ -1,0 +1,70 @@
+"""Loading variants for the service: one window plan for the windowed ones (the checkpoint's, else a refusal
+unless calibrating at load is asked for), and a VQVAE shared only where the pipeline's decoder hook is plain."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from fastapi.testclient import TestClient
+
+from app.compress.attention import PlannedAttention
+from app.compress.attention_passes import MissingWindowPlan, PlanOrigin
+from app.serve.app import create_app
+from app.serve.models import load_model
+from tests.conftest import DEMO
+from tests.serve.conftest import serve_settings, serving
+from tests.serve.test_metrics import scrape
+
+CPU = torch.device("cpu")
+
+
+def test_a_windowed_variant_without_a_saved_plan_refuses_to_load_naming_the_command(demo_folder: Path) -> None:
+    app = create_app(serve_settings(demo_folder, variants=["baseline", "windows"]))
+    with TestClient(app) as c:
+        while c.get("/readyz").json()["status"] == "loading":
+            time.sleep(0.01)
+        health = c.get("/healthz")
+        assert health.status_code == 503
+        error = health.json()["error"]
+        assert error.startswith(MissingWindowPlan.__name__)
+        assert f"python -m app.compress calibrate --model {demo_folder}" in error
+
+
+def test_calibrating_missing_plans_at_load_is_asked_for_and_reported(demo_folder: Path) -> None:
+    settings = serve_settings(demo_folder, variants=["baseline", "windows"], calibrate_missing_plans=True)
+    with serving(settings) as c:
+        by_name = {v["name"]: v for v in c.get("/models").json()["variants"]}
+        assert by_name["windows"]["window_plan"] == "calibrated at load"
+        assert by_name["baseline"]["window_plan"] is None
+        info = {dict(labels)["variant"]: dict(labels) for name, labels in scrape(c) if name == "var_variant_info"}
+        assert info["windows"]["passes"] == "device_default_precision,windowed_attention"
+        assert info["windows"]["window_plan"] == "calibrated at load" and info["baseline"]["window_plan"] == "none"
+        assert c.post("/generate", json={"class_label": 1, "variant": "windows"}).status_code == 200
+
+
+def test_windowed_variants_share_the_plan_saved_beside_the_checkpoint() -> None:
+    model = load_model(DEMO, ["baseline", "windows", "litevar-float"], CPU)
+    origins = {name: v.window_plan for name, v in model.variants.items()}
+    assert origins == {"baseline": None, "windows": PlanOrigin.FILE, "litevar-float": PlanOrigin.FILE}
+    for name in ("windows", "litevar-float"):
+        kernels = [blk.attn.kernel for blk in model.variants[name].pipeline.var.block_list]
+        assert all(isinstance(k, PlannedAttention) and k.routes for k in kernels), name
+    assert model.variants["windows"].spec.purpose and model.variants["windows"].spec.describe()[1]["options"] == {
+        "min_skipped": None,
+        "min_queries": 128,
+    }
+
+
+def test_only_a_plain_decoder_hook_shares_the_vqvae(demo_folder: Path) -> None:
+    """The compiled variant's VQVAE has the same weights but its pipeline decodes through a compiled hook: it
+    keeps its own VQVAE. A shared VQVAE brings its decoder along, so no copy stays alive behind the hook."""
+    model = load_model(demo_folder, ["baseline", "bf16", "compiled"], CPU)
+    baseline, bf16, compiled = (model.variants[n] for n in ("baseline", "bf16", "compiled"))
+    assert baseline.shares_vqvae and bf16.shares_vqvae and not compiled.shares_vqvae
+    assert bf16.pipeline.vqvae is baseline.pipeline.vqvae
+    assert bf16.pipeline.decoder_fn is baseline.pipeline.vqvae.decoder
+    assert compiled.pipeline.vqvae is not baseline.pipeline.vqvae
+    assert compiled.pipeline.decoder_fn is not compiled.pipeline.vqvae.decoder
+    assert compiled.weight_bytes > bf16.weight_bytes
