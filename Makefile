@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus
 
 .PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
-	evaluate test-fast
+	evaluate test-fast loadtest soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ conformance: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m app.bench $(BENCH_ARGS)
+
+# Open-loop load on loopback (docs/reliability.md): starts the server (baseline, litevar), measures its capacity,
+# ramps from idle to 4x capacity and back in 2 minutes; writes runs/loadtest.json; fails on any request not
+# answered, answered late or with an unexpected 5xx. LOAD_ARGS adds options (`--url http://127.0.0.1:PORT`...).
+loadtest: $(STAMP)
+	$(PY) -m app.bench load --json runs/loadtest.json $(LOAD_ARGS)
+
+# The same mix at about capacity for 10 minutes; also fails when the server's RSS grows more than 5% (median of
+# the last minute against the first minute after a minute of warm-up). Not part of `make test`.
+soak: $(STAMP)
+	$(PY) -m app.bench load --profile steady --level 1.0 --duration 600 --max-rss-growth 0.05 \
+		--json runs/soak.json $(SOAK_ARGS)
 
 # the demo model on 127.0.0.1:8000; VAR_* variables (docs/serving.md) configure the rest
 serve: $(STAMP)

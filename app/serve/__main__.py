@@ -1,20 +1,25 @@
 """`python -m app.serve`: serve the configured model with uvicorn (settings: VAR_* environment variables).
 
 SIGTERM (or Ctrl+C): stop accepting (503, /readyz 503), let accepted work finish within
-VAR_DRAIN_GRACE_S, then exit. A second signal exits at once.
+VAR_DRAIN_GRACE_S, then exit (uvicorn re-raises the signal: status -15 / 143 for SIGTERM). A second signal
+exits at once, with status 128 + the signal's number (143 for SIGTERM, 130 for Ctrl+C), answering nothing
+more: uvicorn alone would start a graceful shutdown on it, which waits for the drain it interrupts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 
 from app.serve.app import create_app
+from app.serve.connections import with_header_timeout
 from app.serve.service import Service
 from app.serve.settings import ServeSettings
 
@@ -31,15 +36,25 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None:
+        if self._loop is None:
             super().handle_exit(sig, frame)
             return
+        if self._draining:
+            exit_now(sig)
         self._draining = True
         logging.getLogger(__name__).info("signal %d: draining (grace %g s)", sig, self.service.settings.drain_grace_s)
         self._loop.call_soon_threadsafe(self._drain_then_exit, sig)
 
     def _drain_then_exit(self, sig: int) -> None:
         self.service.drain().add_done_callback(lambda _: super(DrainingServer, self).handle_exit(sig, None))
+
+
+def exit_now(sig: int) -> NoReturn:
+    """The second signal: exit without waiting for anything (the worker thread, open connections)."""
+    logging.getLogger(__name__).warning("signal %d again: exiting now, accepted work unfinished", sig)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(128 + sig)
 
 
 def main() -> int:
@@ -52,6 +67,14 @@ def main() -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
+        # connection limits (docs/serving.md#connections): h11, which bounds the request line and headers, with
+        # a deadline for them; no WebSocket; beyond the connection limit uvicorn answers 503
+        http=with_header_timeout(settings.header_timeout_s),
+        ws="none",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.connection_limit,
+        backlog=settings.backlog,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     DrainingServer(config, app.state.service).run()
     return 0

@@ -15,25 +15,23 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.model.timing import Stage
+from app.serve import openapi
 from app.serve.batching import GenerationResult
-from app.serve.encoding import MEDIA_TYPES, encode_images, negotiate
-from app.serve.errors import ClientDisconnected, NotAcceptable
+from app.serve.encoding import ANY_IMAGE, MEDIA_TYPES, NotAcceptable, encode_images, negotiate
+from app.serve.engine import within_deadline
+from app.serve.errors import ClientDisconnected
+from app.serve.json_body import JSONBodyRoute
 from app.serve.limits import to_engine_request
 from app.serve.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
 from app.serve.service import Phase, Service
 
 T = TypeVar("T")
-router = APIRouter()
+# three routers, so that the composition root can put API keys on the API, on the operations' routes only when
+# asked (VAR_PROTECT_OPS), and never on the playground page
+router = APIRouter(route_class=JSONBodyRoute)  # POST /generate, GET /models
+ops_router = APIRouter()  # /healthz, /readyz, /metrics
+page_router = APIRouter()  # the playground
 PLAYGROUND = (Path(__file__).parent / "static" / "index.html").read_text()
-ERRORS: dict[int | str, dict[str, Any]] = {
-    406: {"description": "a raw image was asked for (Accept: image/...) but the request cannot be one image"},
-    413: {"description": "body larger than max_body_bytes"},
-    422: {"description": "invalid field: the message names the field and the limit"},
-    429: {"description": "queue full; Retry-After says when to retry"},
-    500: {"description": "the batch failed; error_id points at the logged traceback"},
-    503: {"description": "loading or draining; Retry-After"},
-    504: {"description": "timeout_s passed; images not started were never computed"},
-}
 
 
 def get_service(request: Request) -> Service:
@@ -44,11 +42,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-@router.post(
-    "/generate",
-    response_model=GenerateResponse,
-    responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERRORS},
-)
+@router.post("/generate", response_model=GenerateResponse, responses=openapi.GENERATE)
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
     """Images of one class. JSON (base64 images) by default; with `Accept: image/png|jpeg|webp` and
     num_images 1, the image itself, with seed, variant and timings in headers."""
@@ -58,10 +52,9 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     job = to_engine_request(body, limits)
     request.state.variant = job.variant
     fmt = answer_format(body, job.num_images, raw_format)
-    service.metrics.images_per_request.labels(job.variant).observe(job.num_images)
     result = await until_disconnected(engine.generate(job), request)
     t0 = time.perf_counter()
-    encoded = await asyncio.to_thread(encode_images, result.images, fmt)
+    encoded = await within_deadline(result, asyncio.to_thread(encode_images, result.images, fmt))
     encode_s = time.perf_counter() - t0
     service.metrics.stage_seconds.labels(job.variant, Stage.ENCODE).observe(encode_s)
     timings = timings_of(result, encode_s, time.perf_counter() - arrived)
@@ -88,6 +81,8 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
 def answer_format(body: GenerateRequest, num_images: int, raw_format: str | None) -> str:
     if raw_format is None:
         return body.format
+    if raw_format == ANY_IMAGE:  # image/*: the body's format
+        raw_format = body.format
     if num_images != 1:
         raise NotAcceptable(
             f"a raw image answer (Accept: image/{raw_format}) holds one image; num_images is {num_images}"
@@ -138,35 +133,40 @@ def server_timing(t: Timings) -> str:
     return ", ".join(f"{k};dur={v:.2f}" for k, v in parts.items())
 
 
-@router.get("/models")
+@router.get("/models", responses=openapi.MODELS)
 async def models(service: ServiceDep) -> dict[str, Any]:
     """Every loaded variant (passes, weight bytes), the classes, the sampling defaults and the limits."""
     service.ready_engine()  # 503 until loaded
     return service.describe()
 
 
-@router.get("/healthz")
+@ops_router.get("/healthz", responses=openapi.HEALTHZ)
 async def healthz(service: ServiceDep) -> Response:
-    """Alive: 200, unless the model failed to load (then 503, so that the process gets restarted)."""
-    if service.phase is Phase.FAILED:
-        return JSONResponse({"status": "failed", "error": service.error}, status_code=503)
+    """Alive: 200, unless the model failed to load, a batch runs far past its expected time or the engine's
+    scheduler died: then 503 naming the reason, so that the process gets restarted."""
+    if (problem := service.health()) is not None:
+        body = {"status": problem.status, "reason": problem.reason, "error": problem.detail}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "alive"})
 
 
-@router.get("/readyz")
+@ops_router.get("/readyz", responses=openapi.READYZ)
 async def readyz(service: ServiceDep) -> Response:
-    """200 once loaded, compressed and warmed up; 503 while loading, draining, or after a failed load."""
-    if service.phase is Phase.READY:
+    """200 once loaded, compressed and warmed up; 503 while loading, draining, unhealthy or after a failed load."""
+    problem = service.health()
+    if service.phase is Phase.READY and problem is None:
         return JSONResponse({"status": "ready"})
     body = {"status": service.phase.value, "error": service.error}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "5" if service.phase is Phase.LOADING else "1"})
+    if problem is not None:
+        body = {"status": problem.status, "error": problem.detail}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.retry_after_s())})
 
 
-@router.get("/metrics")
+@ops_router.get("/metrics", response_class=Response, responses=openapi.METRICS)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@page_router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def playground() -> HTMLResponse:
     return HTMLResponse(PLAYGROUND)

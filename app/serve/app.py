@@ -7,13 +7,15 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from app.serve.api import router
+from app.serve import openapi
+from app.serve.api import ops_router, page_router, router
+from app.serve.auth import ApiKeys, require_key
 from app.serve.errors import error, install_error_handlers
 from app.serve.metrics import versions
-from app.serve.middleware import BodySizeLimit, GenerateMetrics
+from app.serve.middleware import BodyLimits, GenerateMetrics
 from app.serve.service import Service
 from app.serve.settings import ServeSettings
 
@@ -38,12 +40,30 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.include_router(router)
+    include_routes(app, service.settings)
     install_error_handlers(app, service.metrics)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_body_bytes, metrics=service.metrics)
+    s = service.settings
+    app.add_middleware(BodyLimits, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s, metrics=service.metrics)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)  # outermost: sees every answer, 413 included
     return app
+
+
+def include_routes(app: FastAPI, settings: ServeSettings) -> None:
+    """The API behind VAR_API_KEYS when set, the operations' routes too with VAR_PROTECT_OPS; the playground
+    page and the OpenAPI document stay open (they hold no data; the page asks the protected API)."""
+    keys = ApiKeys(k.get_secret_value() for k in settings.api_keys)
+    if not keys:
+        for r in (router, ops_router, page_router):
+            app.include_router(r)
+        return
+    guard, refusal = [Depends(require_key(keys))], openapi.UNAUTHORIZED
+    app.include_router(router, dependencies=guard, responses=refusal)
+    if settings.protect_ops:
+        app.include_router(ops_router, dependencies=guard, responses=refusal)
+    else:
+        app.include_router(ops_router)
+    app.include_router(page_router)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

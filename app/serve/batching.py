@@ -7,6 +7,7 @@ more_smooth share a batch; only the variant splits batches. A request may be spr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -38,6 +39,8 @@ class GenerationResult:
     queued_s: float  # from arrival to the start of its first batch
     stage_s: dict[Stage, float]  # the pipeline's stages, summed over the request's batches
     batch_sizes: list[int]
+    timeout_s: float = math.inf  # the request's
+    deadline: float = math.inf  # monotonic seconds: what finishes the answer (encoding) must be done by then
 
 
 class Rejection(StrEnum):
@@ -45,6 +48,8 @@ class Rejection(StrEnum):
 
     INVALID = "invalid"
     BODY_TOO_LARGE = "body_too_large"
+    BODY_TIMEOUT = "body_timeout"  # the body came too slowly (408)
+    UNAUTHORIZED = "unauthorized"  # no valid API key (401)
     NOT_ACCEPTABLE = "not_acceptable"
     QUEUE_FULL = "queue_full"
     NOT_READY = "not_ready"  # starting, loading, or the load failed
@@ -81,18 +86,27 @@ class NotAccepting(EngineError):
 class DeadlineExceeded(EngineError):
     rejection = Rejection.DEADLINE
 
-    def __init__(self, timeout_s: float, computed: bool):
-        what = "partly computed" if computed else "never computed"
+    def __init__(self, timeout_s: float, computed: bool, encoding: bool = False):
+        what = "computed, not encoded in time" if encoding else "partly computed" if computed else "never computed"
         super().__init__(f"deadline of {timeout_s:g} s passed ({what})")
         self.computed = computed
 
 
 class BatchFailed(EngineError):
+    """The request's images could not be computed; `error_id` is in the log line with the cause."""
+
     rejection = Rejection.FAILED
 
-    def __init__(self, error_id: str):
-        super().__init__(f"generation failed (error id {error_id})")
+    def __init__(self, error_id: str, what: str = "generation failed"):
+        super().__init__(f"{what} (error id {error_id})")
         self.error_id = error_id
+
+
+class NonFiniteOutput(BatchFailed):
+    """An image of the request came out with NaN or infinite pixels: never encoded, never answered as 200."""
+
+    def __init__(self, error_id: str):
+        super().__init__(error_id, "generation produced non-finite output (NaN or infinite pixels)")
 
 
 @dataclass(eq=False)
@@ -132,6 +146,30 @@ class Decision:
 
     rows: list[BatchRow]
     wait_s: float | None = None
+
+
+@dataclass
+class BatchLimit:
+    """The most rows the next batch may take: max_batch_size, except after running out of memory, when it is
+    half the failed batch's size for the next `backoff_batches` batches that succeed; then it is restored."""
+
+    max_batch_size: int
+    backoff_batches: int
+    current: int = 0
+    _left: int = 0  # successful batches until the limit is restored
+
+    def __post_init__(self) -> None:
+        self.current = self.max_batch_size
+
+    def out_of_memory(self, size: int) -> None:
+        self.current = max(1, min(self.current, size // 2))
+        self._left = self.backoff_batches
+
+    def batch_done(self) -> None:
+        if self._left:
+            self._left -= 1
+            if not self._left:
+                self.current = self.max_batch_size
 
 
 def queued_rows(queue: Iterable[Pending], variant: str | None = None) -> int:

@@ -11,6 +11,14 @@ from app.model.images import to_uint8_HWC
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JSON = "application/json"
+ANY_IMAGE = "*"  # `Accept: image/*`: an image in the body's format
+ANSWERS = (JSON, *MEDIA_TYPES.values())  # what POST /generate can answer with
+
+
+class NotAcceptable(Exception):
+    """The Accept header allows no answer this request can have (406)."""
+
+
 _SAVE_OPTIONS: dict[str, dict[str, object]] = {"png": {}, "jpeg": {"quality": 95}, "webp": {"quality": 95}}
 
 
@@ -25,33 +33,45 @@ def encode_images(images_BCHW: torch.Tensor, fmt: str) -> list[bytes]:
 
 
 def negotiate(accept: str | None) -> str | None:
-    """The image format the client prefers to JSON (png, jpeg, webp), or None for JSON.
+    """The image format the client prefers to JSON (png, jpeg, webp, or ANY_IMAGE for `image/*`), or None for
+    JSON. NotAcceptable when the header allows none of them (`image/gif` alone, every type at `q=0`).
 
-    Highest quality value wins; on a tie, the earlier entry; `*/*`, `application/*` and a missing header
-    mean JSON. Only an explicit image type asks for a raw image.
+    Highest quality value wins; on a tie, the earlier entry; `*/*`, `application/*` and `application/json`
+    mean JSON, and so does a missing or empty header. Only an image type asks for a raw image.
     """
+    if accept is None or not accept.strip():
+        return None
     best: tuple[float, str | None] | None = None
-    for entry in (accept or "").split(","):
+    for entry in accept.split(","):
         media, _, params = entry.strip().partition(";")
         media = media.strip().lower()
         if media in (JSON, "application/*", "*/*"):
             choice = None
         elif media in MEDIA_TYPES.values():
             choice = media.removeprefix("image/")
+        elif media == "image/*":
+            choice = ANY_IMAGE
         else:
             continue
         q = _quality(params)
         if q > 0 and (best is None or q > best[0]):
             best = (q, choice)
-    return best[1] if best else None
+    if best is None:
+        shown = accept if len(accept) <= 200 else accept[:200] + "..."
+        raise NotAcceptable(
+            f"no answer of POST /generate is acceptable to Accept: {shown}; it answers {', '.join(ANSWERS)}"
+        )
+    return best[1]
 
 
 def _quality(params: str) -> float:
+    """The entry's q, 1 when absent; an invalid one (not a number from 0 to 1) counts as 0, ruling it out."""
     for p in params.split(";"):
         key, _, value = p.strip().partition("=")
-        if key.strip() == "q":
+        if key.strip().lower() == "q":
             try:
-                return float(value)
+                q = float(value)
             except ValueError:
                 return 0.0
+            return q if 0 <= q <= 1 else 0.0
     return 1.0

@@ -128,11 +128,34 @@ class ServeMetrics:
         self.model_info = Info("var_model", "the served model", registry=r)
         self.variant_info = Info("var_variant", "passes of each loaded variant", ["variant"], registry=r)
         self.ready = Gauge("var_ready", "1 when loaded, warmed up and accepting", registry=r)
+        self.healthy = Gauge(
+            "var_healthy",
+            "1 while GET /healthz answers 200; 0 after a failed load, while a batch runs far past its expected "
+            "time, or once the engine's scheduler has died",
+            registry=r,
+        )
+        self.oom = Counter(
+            "var_oom_total", "batches that ran out of memory (each was split in halves)", ["variant"], registry=r
+        )
+        self.batch_limit = Gauge(
+            "var_batch_limit_images",
+            "most images the next batch may hold: max_batch_size, lower for a while after running out of memory",
+            registry=r,
+        )
+        self.batch_limit.set(max_batch_size)
+        self.nonfinite_images = Counter(
+            "var_nonfinite_images_total",
+            "images computed with NaN or infinite pixels (their requests failed with 500)",
+            ["variant"],
+            registry=r,
+        )
         for reason in Rejection:
             self.rejections.labels(reason)  # exported at 0 from the start
         for v in self.variants:  # exported at 0 from the start, so that rate() sees the first increase
             self.images_generated.labels(v)
             self.batch_failures.labels(v)
+            self.oom.labels(v)
+            self.nonfinite_images.labels(v)
             self.requests.labels(v, "200")
             self.request_seconds.labels(v)
             self.queue_wait_seconds.labels(v)

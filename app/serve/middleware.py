@@ -1,7 +1,9 @@
-"""Two plain ASGI middlewares: the request-body size limit (413) and the per-request metrics of /generate."""
+"""Two plain ASGI middlewares: the request body's limits (413 over its size, 408 when it comes too slowly) and
+the per-request metrics of /generate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -12,13 +14,15 @@ from app.serve.batching import Rejection
 from app.serve.metrics import ServeMetrics
 
 
-class BodySizeLimit:
-    """Refuse bodies over max_bytes with 413, whether announced by Content-Length or sent chunked.
+class BodyLimits:
+    """Refuse bodies over max_bytes with 413, whether announced by Content-Length or sent chunked, and bodies
+    not received within timeout_s of the headers with 408 (a client that sends a byte a second). Both answers
+    close the connection, so that the rest of such a body is never read.
 
     The body is read here (it is small by construction) and handed on in one message."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServeMetrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, metrics: ServeMetrics):
+        self.app, self.max_bytes, self.timeout_s, self.metrics = app, max_bytes, timeout_s, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -26,18 +30,20 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
+            await self._refuse(send, 413, Rejection.BODY_TOO_LARGE, self._too_large)
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await self._refuse(send)
-                return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            detail = f"request body not received within {self.timeout_s:g} s (body_timeout_s)"
+            await self._refuse(send, 408, Rejection.BODY_TIMEOUT, detail)
+            return
+        if body is None:  # the client left
+            return
+        if len(body) > self.max_bytes:
+            await self._refuse(send, 413, Rejection.BODY_TOO_LARGE, self._too_large)
+            return
         replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive_replayed() -> Message:
@@ -45,12 +51,34 @@ class BodySizeLimit:
 
         await self.app(scope, receive_replayed, send)
 
-    async def _refuse(self, send: Send) -> None:
-        self.metrics.rejections.labels(Rejection.BODY_TOO_LARGE).inc()
-        detail = f"request body larger than {self.max_bytes} bytes (max_body_bytes), or an invalid Content-Length"
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body, None if the client disconnected, or as soon as it passes max_bytes what it has."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                break
+        return b"".join(chunks)
+
+    @property
+    def _too_large(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes (max_body_bytes), or an invalid Content-Length"
+
+    async def _refuse(self, send: Send, status: int, reason: Rejection, detail: str) -> None:
+        self.metrics.rejections.labels(reason).inc()
         payload = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 

@@ -51,6 +51,12 @@ class ServedModel:
         return self.config.default_sampling
 
     @property
+    def name(self) -> str:
+        """What GET /models and var_model_info call the model: its folder's name (never the path, which says
+        how the host is laid out), or the config's name for a folder without one (`/`)."""
+        return self.folder.resolve().name or self.config.name
+
+    @property
     def image_size(self) -> int:
         return self.config.vqvae.image_size
 

@@ -3,7 +3,7 @@ loaded model or the settings (class range, vocabulary, images per request...) ar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,8 +13,9 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerateRequest(BaseModel):
-    # strict: "3" is not 3; forbid: an unknown field is an error, never silently dropped
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "3" is not 3; forbid: an unknown field is an error, never silently dropped; allow_inf_nan: off, so
+    # that NaN, Infinity and numbers beyond a double (1e400, which JSON parses as infinity) are 422 naming the field
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     class_label: int | None = Field(default=None, ge=0, description="class index; give this or class_name")
     class_name: str | None = Field(default=None, description="one of the model's class names (GET /models)")
@@ -60,3 +61,35 @@ class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     timings: Timings
     batch_sizes: list[int] = Field(description="images per batch that computed this request's images")
+
+
+# Error bodies, as the OpenAPI document describes them (`openapi.py`); `errors.py` writes them.
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what was wrong, naming the setting or limit involved")
+
+
+class FailureBody(ErrorBody):
+    error_id: str = Field(description="the id in the log line that holds the cause")
+
+
+class FieldError(BaseModel):
+    type: str = Field(description="pydantic's error type, e.g. less_than_equal, finite_number, json_invalid")
+    loc: list[str | int] = Field(description='where: ["body", field] (["body", offset] for JSON that does not parse)')
+    msg: str = Field(description="the rule broken, with its limit")
+    input: Any = Field(
+        default=None,
+        description="the value given; left out when it is not finite, nested deeper than 4 or not text",
+    )
+    ctx: dict[str, Any] | None = Field(default=None, description='the limit, e.g. {"le": 1}')
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[FieldError] = Field(description="every violation at once")
+
+
+class HealthBody(BaseModel):
+    status: str = Field(description="alive, ready, or why not: loading, draining, failed...")
+    reason: str | None = Field(default=None, description="why the process should be restarted")
+    error: str | None = Field(default=None, description="the cause, when there is one")

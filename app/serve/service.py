@@ -1,7 +1,8 @@
 """The service's life: load and compress the model, warm up, serve, drain. One instance per process.
 
 Loading runs in the background so that /healthz answers at once and /readyz says 503 until the variants
-are loaded, compressed and warmed up at every batch size.
+are loaded, compressed and warmed up at every batch size. A drain that begins while loading or warming up is
+final: the engine is never started and the service never becomes ready.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import torch
 
 from app.serve.batching import NotAccepting, Rejection
 from app.serve.encoding import MEDIA_TYPES
-from app.serve.engine import Engine
+from app.serve.engine import UNHEALTHY_RETRY_AFTER_S, Engine
 from app.serve.limits import Limits
 from app.serve.metrics import ServeMetrics, versions
 from app.serve.models import ServedModel, ServedVariant, load_model, resolve_device
 from app.serve.schemas import CFG_MAX, SEED_MAX
 from app.serve.settings import ServeSettings
+from app.serve.watchdog import Unhealthy
 
 log = logging.getLogger(__name__)
+FAILED_RETRY_AFTER_S = 60  # a failed load does not heal: only a restart (which /healthz 503 asks for) helps
 
 
 class Phase(StrEnum):
@@ -46,6 +49,7 @@ class Service:
         self.limits: Limits | None = None
         self._loading: asyncio.Task[None] | None = None
         self._drained: asyncio.Task[None] | None = None
+        self.metrics.healthy.set_function(lambda: float(self.health() is None))
 
     def start(self) -> None:
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="var-load")
@@ -64,6 +68,8 @@ class Service:
             self.model = model = await asyncio.to_thread(
                 load_model, s.model_dir, s.variants, device, calibrate_missing_plans=s.calibrate_missing_plans
             )
+            if self._drain_began("loading"):
+                return
             pipes = {name: v.pipeline for name, v in model.variants.items()}
             engine = Engine(
                 pipes,
@@ -71,11 +77,14 @@ class Service:
                 max_wait_s=s.max_wait_ms / 1000,
                 queue_capacity=s.queue_capacity,
                 metrics=self.metrics,
+                watchdog_s=s.watchdog_s,
             )
             self.engine = engine
             self._describe(model)
             if s.warmup:
                 await engine.warm_up(range(1, s.max_batch_size + 1), model.defaults)
+            if self._drain_began("warm-up"):
+                return
             engine.start()
         except Exception as e:
             log.exception("loading %s failed", s.model_dir)
@@ -84,6 +93,11 @@ class Service:
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         log.info("ready: %s, variants %s on %s in %.1f s", s.model_dir, s.variants, device, time.monotonic() - t0)
+
+    def _drain_began(self, stage: str) -> bool:
+        if self._drained is not None:
+            log.info("shutting down during %s: the engine is not started", stage)
+        return self._drained is not None
 
     def _describe(self, model: ServedModel) -> None:
         s, m = self.settings, self.metrics
@@ -99,7 +113,7 @@ class Service:
             default_timeout_s=s.default_timeout_s,
             max_timeout_s=s.max_timeout_s,
         )
-        m.model_info.info({"model": str(model.folder), "preset": cfg.name, "device": str(model.device), **versions()})
+        m.model_info.info({"model": model.name, "preset": cfg.name, "device": str(model.device), **versions()})
         for name, v in model.variants.items():
             passes = ",".join(p["name"] for p in v.spec.describe())
             info = {
@@ -116,12 +130,28 @@ class Service:
     def ready_engine(self) -> tuple[Engine, Limits]:
         """The engine and limits, or NotAccepting (503) while loading, draining or after a failed load."""
         if self.phase is not Phase.READY or self.engine is None or self.limits is None:
-            retry = 5 if self.phase is Phase.LOADING else 1
+            retry = self.retry_after_s()
             if self.phase is Phase.DRAINING:
                 raise NotAccepting(Rejection.DRAINING, self.phase.value, retry)
             state = "model failed to load" if self.phase is Phase.FAILED else self.phase.value
             raise NotAccepting(Rejection.NOT_READY, state, retry)
         return self.engine, self.limits
+
+    def health(self) -> Unhealthy | None:
+        """None while alive; else why the process should be restarted: a failed load, or the engine's watchdog
+        (a batch far past its expected time, a dead scheduler)."""
+        if self.phase is Phase.FAILED:
+            return Unhealthy("load_failed", self.error or "model failed to load", status="failed")
+        return self.engine.health() if self.engine is not None else None
+
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: a load takes seconds, a failed load or a stuck engine needs a
+        restart, a draining process has a replacement (or nothing) behind it."""
+        if self.phase is Phase.LOADING:
+            return 5
+        if self.phase is Phase.FAILED:
+            return FAILED_RETRY_AFTER_S
+        return UNHEALTHY_RETRY_AFTER_S if self.health() is not None else 1
 
     def describe(self) -> dict[str, Any]:
         """GET /models: the model, every variant (passes, weight bytes), classes, defaults and limits."""
@@ -141,7 +171,7 @@ class Service:
             "formats": list(MEDIA_TYPES),
         }
         return {
-            "model": {"folder": str(m.folder), "preset": m.config.name, "image_size": m.image_size},
+            "model": {"name": m.name, "preset": m.config.name, "image_size": m.image_size},
             "device": str(m.device),
             "classes": [{"label": i, "name": name} for i, name in enumerate(names)],
             "default_variant": lim.default_variant,

@@ -1,18 +1,29 @@
-"""Service settings, read from the environment (prefix `VAR_`); only `app.serve.app` reads them."""
+"""Service settings, read from the environment (prefix `VAR_`); only `app.serve.app` reads them.
+
+A `VAR_*` variable that names no setting (a typo such as `VAR_MAX_BATCH`) stops the start, naming it:
+pydantic-settings itself reads only the variables of known fields and would ignore it silently.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.compress import VARIANTS
 
+ENV_PREFIX = "VAR_"
+MIN_API_KEY_CHARS = 16
+
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VAR_", extra="forbid")
+    # hide_input_in_errors: a refused setting's message must not print the other settings' values (API keys)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", hide_input_in_errors=True)
 
     model_dir: Path = Field(default=Path("model_store/demo"), description="checkpoint folder to serve")
     variants: Annotated[list[str], NoDecode] = Field(
@@ -29,6 +40,12 @@ class ServeSettings(BaseSettings):
     default_timeout_s: float = Field(default=60.0, gt=0, description="deadline of requests that give no timeout_s")
     max_timeout_s: float = Field(default=600.0, gt=0, description="upper limit of timeout_s")
     drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM, time given to accepted work")
+    watchdog_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a batch running longer than this and 10 times the running mean of a batch's seconds counts "
+        "as stuck: /healthz answers 503 so that the process gets restarted",
+    )
     warmup: bool = Field(default=True, description="run every variant at every batch size before becoming ready")
     calibrate_missing_plans: bool = Field(
         default=False,
@@ -38,11 +55,76 @@ class ServeSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     log_level: str = Field(default="info", description="uvicorn and app log level")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default=[],
+        description=f"comma-separated keys that may call the API (sent as Authorization: Bearer KEY, or X-API-Key: "
+        f"KEY), each at least {MIN_API_KEY_CHARS} characters; empty: no key needed",
+    )
+    protect_ops: bool = Field(
+        default=False,
+        description="with api_keys, also require a key for /healthz, /readyz and /metrics (probes and Prometheus "
+        "then need one)",
+    )
+    limit_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="most open connections and requests; beyond it uvicorn answers 503 (0: queue_capacity + "
+        "max_batch_size + 64, room for a full queue, a batch, probes and scrapes)",
+    )
+    backlog: int = Field(
+        default=256,
+        ge=1,
+        description="connections the kernel holds before they are accepted: at least the default "
+        "limit_concurrency (136), so a burst the service could take is not refused (Linux caps it at somaxconn)",
+    )
+    keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        description="an idle keep-alive connection is closed after this (uvicorn's default; raise it above a "
+        "load balancer's idle timeout)",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="request line and headers not complete this long after the connection opened (or after a "
+        "later request's first byte) get 408 and a closed connection (slow headers); clients send them at once",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request body not received within this after the headers gets 408 and a closed connection "
+        "(slow bodies); max_body_bytes at 56 kbit/s takes 2.3 s",
+    )
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=1024,
+        description="largest request line plus headers; larger get 400 and a closed connection (h11's default; "
+        "this API's requests send under 1 KiB)",
+    )
 
-    @field_validator("variants", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, values: Any) -> Any:
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ValueError(
+                f"unknown {ENV_PREFIX}* environment variables: {', '.join(unknown)}; the settings are "
+                f"{', '.join(sorted(known_variables()))} (docs/serving.md#settings)"
+            )
+        return values
+
+    @field_validator("variants", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        short = [i for i, k in enumerate(keys) if len(k.get_secret_value()) < MIN_API_KEY_CHARS]
+        if short:  # names positions, never the keys themselves
+            raise ValueError(f"API keys at positions {short} are shorter than {MIN_API_KEY_CHARS} characters")
+        return keys
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -59,4 +141,33 @@ class ServeSettings(BaseSettings):
             raise ValueError("max_images_per_request must not exceed queue_capacity (such a request could never queue)")
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s must not exceed max_timeout_s")
+        if self.api_keys and self.log_level.lower() == "trace":
+            raise ValueError("log_level trace writes every request's headers, API keys included: use debug")
+        if self.limit_concurrency and self.limit_concurrency <= self.queue_capacity + self.max_batch_size:
+            raise ValueError(
+                "limit_concurrency must exceed queue_capacity + max_batch_size (else uvicorn answers 503 before "
+                "the queue could ever be full)"
+            )
         return self
+
+    @property
+    def connection_limit(self) -> int:
+        """limit_concurrency, or its default: a full queue of one-image requests, a batch, 64 more for probes,
+        scrapes, /models and requests being refused."""
+        return self.limit_concurrency or self.queue_capacity + self.max_batch_size + 64
+
+
+def known_variables() -> set[str]:
+    return {f"{ENV_PREFIX}{name}".upper() for name in ServeSettings.model_fields}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The environment's VAR_* names (any case, as pydantic-settings matches them) that name no setting, each
+    with the closest setting when one is close."""
+    known = known_variables()
+    found = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from app.model.timing import Stage
 from app.serve import service as service_module
 from app.serve.app import create_app
 from app.serve.encoding import encode_images
-from app.serve.schemas import SEED_MAX, Timings
+from app.serve.schemas import SEED_MAX, GenerateRequest, Timings
 from tests.serve.conftest import serve_settings, serving, wait_ready
 
 
@@ -87,6 +88,28 @@ def test_raw_image_answer_refuses_several_images_or_another_format(client: TestC
     assert clash.status_code == 406 and "jpeg" in clash.json()["detail"]
 
 
+@pytest.mark.parametrize("accept", ["image/gif", "text/html", "application/xml, image/bmp", "*/*;q=0", "image/png;q=0"])
+def test_an_accept_the_service_cannot_satisfy_is_406_naming_what_it_gives(client: TestClient, accept: str) -> None:
+    r = client.post("/generate", json={"class_label": 1}, headers={"Accept": accept})
+    assert r.status_code == 406, r.text
+    detail = r.json()["detail"]
+    assert all(t in detail for t in ("application/json", "image/png", "image/jpeg", "image/webp")), detail
+
+
+@pytest.mark.parametrize("accept", [None, "", "*/*", "application/json", "application/*", "image/gif, */*;q=0.1"])
+def test_wildcards_json_and_no_accept_answer_json(client: TestClient, accept: str | None) -> None:
+    headers = {} if accept is None else {"Accept": accept}
+    r = client.post("/generate", json={"class_label": 1, "seed": 2}, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", (accept, r.text)
+
+
+def test_accept_image_any_answers_the_body_format(client: TestClient) -> None:
+    png = client.post("/generate", json={"class_label": 1, "seed": 2}, headers={"Accept": "image/*"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    webp = client.post("/generate", json={"class_label": 1, "seed": 2, "format": "webp"}, headers={"Accept": "image/*"})
+    assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
+
+
 def test_variants_side_by_side_same_seed(client: TestClient) -> None:
     a = client.post("/generate", json={"class_label": 4, "seed": 3, "variant": "baseline"}).json()
     b = client.post("/generate", json={"class_label": 4, "seed": 3, "variant": "bf16"}).json()
@@ -123,6 +146,47 @@ def test_out_of_range_input_is_422_naming_the_field_and_the_limit(
     assert errors and limit in errors[0]["msg"], r.json()
 
 
+def numeric_fields() -> list[str]:
+    """Every field of the request schema that takes a number (JSON schema type integer or number)."""
+    properties = GenerateRequest.model_json_schema()["properties"]
+    types = {name: {p.get("type") for p in [prop, *prop.get("anyOf", [])]} for name, prop in properties.items()}
+    return [name for name, t in types.items() if t & {"integer", "number"}]
+
+
+def strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"the answer holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_request_schema_has_the_numeric_fields_tested_below() -> None:
+    assert set(numeric_fields()) == {"class_label", "num_images", "seed", "cfg", "top_k", "top_p", "timeout_s"}
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+@pytest.mark.parametrize("field", numeric_fields())
+def test_a_non_finite_number_in_any_numeric_field_is_422_naming_it_never_echoed(
+    client: TestClient, field: str, number: str
+) -> None:
+    """JSON has no NaN or Infinity, but Python's parser takes them, and 1e400 parses as infinity: each must be a
+    422 that names the field, and the answer must stay JSON (no NaN echoed back)."""
+    others = "" if field == "class_label" else '"class_label": 1, '
+    body = f'{{{others}"{field}": {number}}}'
+    r = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, (body, r.text)
+    errors = [e for e in strict_json(r.text)["detail"] if e["loc"] == ["body", field]]
+    assert errors, r.text
+    assert all("input" not in e for e in errors), r.text
+
+
+@pytest.mark.parametrize("field", ["class_name", "variant", "format", "more_smooth", "unknown_field"])
+def test_a_non_finite_number_in_any_other_field_is_422_too(client: TestClient, field: str) -> None:
+    body = f'{{"class_label": 1, "{field}": NaN}}'
+    r = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and [e for e in strict_json(r.text)["detail"] if e["loc"] == ["body", field]]
+
+
 def test_seed_range_accounts_for_every_image(client: TestClient) -> None:
     r = client.post("/generate", json={"class_label": 1, "seed": SEED_MAX, "num_images": 2})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "seed"]
@@ -157,6 +221,15 @@ def test_models_lists_variants_passes_memory_classes_and_limits(client: TestClie
     assert m["classes"][0] == {"label": 0, "name": "T-shirt/top"} and len(m["classes"]) == 10
     assert m["limits"]["max_images_per_request"] == 8 and m["limits"]["top_k_max"] == 512
     assert m["defaults"] == dataclasses.asdict(DEMO.default_sampling)
+
+
+def test_models_and_model_info_name_the_model_without_its_path(client: TestClient, demo_folder: Path) -> None:
+    m = client.get("/models")
+    assert m.json()["model"]["name"] == demo_folder.name
+    metrics = client.get("/metrics").text
+    assert f'model="{demo_folder.name}"' in metrics
+    for text in (m.text, metrics):
+        assert str(demo_folder) not in text and str(demo_folder.parent) not in text
 
 
 def test_health_readiness_playground_and_openapi(client: TestClient) -> None:

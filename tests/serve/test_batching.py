@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.model.sampling import SamplingParams
-from app.serve.batching import GenerationRequest, Pending, next_batch, queued_rows
+from app.serve.batching import BatchLimit, GenerationRequest, Pending, next_batch, queued_rows
 
 
 def pending(variant: str, n: int, arrived: float, label: int = 0) -> Pending:
@@ -54,3 +54,24 @@ def test_a_large_request_is_spread_over_batches_in_order() -> None:
     big = pending("a", 10, arrived=0.0)
     rows = [next_batch([big], now=0.0, max_batch_size=4, max_wait_s=0).rows for _ in range(3)]
     assert [[r.row for r in b] for b in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_running_out_of_memory_halves_the_batch_limit_until_enough_batches_succeed() -> None:
+    limit = BatchLimit(max_batch_size=8, backoff_batches=2)
+    limit.out_of_memory(8)
+    assert limit.current == 4
+    limit.out_of_memory(4)  # again, at the lowered limit: lower still, and the count starts over
+    limit.batch_done()
+    assert limit.current == 2
+    limit.batch_done()
+    assert limit.current == 8
+
+
+def test_the_batch_limit_never_drops_below_one_or_rises_on_a_smaller_failure() -> None:
+    limit = BatchLimit(max_batch_size=4, backoff_batches=1)
+    limit.out_of_memory(1)
+    assert limit.current == 1
+    limit.out_of_memory(4)  # a split half of an older, larger batch: the limit stays where it is
+    assert limit.current == 1
+    limit.batch_done()
+    assert limit.current == 4

@@ -15,6 +15,7 @@ from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from app.serve.batching import BatchFailed, DeadlineExceeded, GenerationRequest, NotAccepting, QueueFull
 from app.serve.engine import Engine, Pipeline
+from app.serve.metrics import ServeMetrics
 from tests.serve.conftest import Failing, Gated, Recording
 
 T = TypeVar("T")
@@ -161,14 +162,15 @@ def test_cancelled_request_leaves_the_queue_and_is_never_computed(demo_pipeline:
     assert not {55, 56} & set(gated.computed_seeds())
 
 
-def test_failing_batch_fails_only_its_own_requests_and_the_engine_goes_on(
+def test_failing_batch_fails_only_the_request_that_fails_alone_and_the_engine_goes_on(
     demo_pipeline: VARPipeline, caplog: pytest.LogCaptureFixture
 ) -> None:
     failing = Failing(demo_pipeline, bad_label=9)
 
     async def scenario() -> list[Any]:
         e = engine({"baseline": failing}, max_batch_size=2, max_wait_s=60.0)
-        # two batches of two: [bad, good] fails; [good, good] is computed
+        # two batches of two: [bad, good] fails, then each is retried alone: bad fails, good is computed;
+        # [good, good] is computed
         outcomes = await asyncio.gather(
             e.generate(request(9, (1,))),
             e.generate(request(1, (2,))),
@@ -181,11 +183,33 @@ def test_failing_batch_fails_only_its_own_requests_and_the_engine_goes_on(
 
     with caplog.at_level(logging.ERROR, logger="app.serve.engine"):
         bad, neighbour, other, after = run(scenario())
-    assert isinstance(bad, BatchFailed) and isinstance(neighbour, BatchFailed)
-    assert bad.error_id == neighbour.error_id
-    assert other.images.shape[0] == 2 and after.images.shape[0] == 2
+    assert isinstance(bad, BatchFailed)
+    assert neighbour.images.shape[0] == 1 and other.images.shape[0] == 2 and after.images.shape[0] == 2
+    assert [labels for labels, _, _ in failing.calls] == [[1], [2, 2], [3, 3]]  # bad never got past the check
     record = next(r for r in caplog.records if bad.error_id in r.getMessage())
     assert record.exc_info is not None and "simulated failure" in str(record.exc_info[1])
+    assert sum("retrying each image alone" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_only_accepted_requests_are_counted_in_request_images(demo_pipeline: VARPipeline) -> None:
+    gated = Gated(demo_pipeline)
+    metrics = ServeMetrics(["baseline"], 4, 16)
+
+    async def scenario() -> None:
+        e = engine({"baseline": gated}, queue_capacity=3, metrics=metrics)
+        first = await block_worker(e, gated)
+        waiting = asyncio.create_task(e.generate(request(1, (1, 2, 3))))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await e.generate(request(2, (4, 5)))
+        gated.release.set()
+        await asyncio.gather(first, waiting)
+        await e.stop()
+
+    run(scenario())
+    count = metrics.registry.get_sample_value("var_request_images_count", {"variant": "baseline"})
+    total = metrics.registry.get_sample_value("var_request_images_sum", {"variant": "baseline"})
+    assert (count, total) == (2, 4)  # the blocking request (1 image) and the waiting one (3), not the refused one
 
 
 def test_drain_refuses_new_requests_and_finishes_accepted_ones(demo_pipeline: VARPipeline) -> None:

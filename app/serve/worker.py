@@ -1,0 +1,59 @@
+"""What runs in the engine's worker thread: one batch through a pipeline with its images back on the CPU,
+which images are finite, and freeing memory after running out of it. No asyncio, no web."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from app.model.memory import peak_above_start
+from app.model.pipeline import Generation
+from app.model.sampling import SamplingParams
+from app.model.timing import Stage, StageTimer
+
+
+class Pipeline(Protocol):
+    @property
+    def device(self) -> torch.device: ...
+
+    def generate(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
+    ) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    images: torch.Tensor  # on the CPU
+    stage_s: dict[Stage, float]
+    kv_cache_bytes: int  # allocated by the pipeline for this batch
+    peak_bytes: int | None  # `peak_above_start` of the batch; None where not measurable
+    finite: list[bool] = dataclasses.field(default_factory=list)  # per image: every pixel finite
+
+
+def compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], seeds: list[int]) -> BatchOutput:
+    """One batch through the pipeline, images back on the CPU."""
+    timer = StageTimer(pipe.device)
+    with peak_above_start(pipe.device) as peak:
+        gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
+    return BatchOutput(gen.images.float().cpu(), timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes)
+
+
+def finite_rows(images_BCHW: torch.Tensor) -> list[bool]:
+    """Per image: True when no pixel is NaN or infinite (such pixels would become undefined bytes)."""
+    return torch.isfinite(images_BCHW.flatten(1)).all(dim=1).tolist()
+
+
+def out_of_memory(error: Exception) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError naming the allocation it failed
+    return isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def free_memory(device: torch.device) -> None:
+    """After running out of memory: collect garbage (tensors of the failed batch), return cached CUDA blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,124 @@
+"""`python -m app.bench load`: the arrival schedule, the verdict on each outcome, the RSS check, loopback only;
+and a short run against a started server (baseline and litevar of the demo model), whose JSON must say that
+every request was answered or cancelled on purpose, none late, no 5xx, with 429s under overload and 422s
+for the invalid bodies."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from app.bench.__main__ import main as bench_main
+from app.bench.load import (
+    Outcome,
+    Segment,
+    arrival_times,
+    phase_of,
+    problems,
+    ramp_profile,
+    rss_growth,
+    steady_profile,
+)
+from tests.conftest import DEMO
+
+
+def expected_arrivals(profile: list[Segment], capacity: float) -> float:
+    return sum(capacity * s.seconds * (s.start_level + s.end_level) / 2 for s in profile)
+
+
+def test_even_arrivals_follow_the_ramp() -> None:
+    profile = ramp_profile(100, peak=4)
+    times = arrival_times(profile, capacity=10, rng=random.Random(0), poisson=False, limit=100_000)
+    assert len(times) == pytest.approx(expected_arrivals(profile, 10), abs=1)  # 0.15x0.5 + 0.2x2.5 + ... = 2.35
+    assert times == sorted(times) and times[0] >= 0 and times[-1] <= 100
+    overload = [t for t in times if phase_of(profile, t) == "overload"]
+    assert len(overload) == pytest.approx(30 * 40, abs=1)  # 30 s at 4 x 10 requests per second
+    gaps = [b - a for a, b in itertools.pairwise(overload)]
+    assert max(gaps) == pytest.approx(min(gaps)) == pytest.approx(1 / 40)
+
+
+def test_poisson_arrivals_are_seeded_and_bounded() -> None:
+    profile = steady_profile(200, level=1)
+    a = arrival_times(profile, 5, random.Random(7), poisson=True, limit=100_000)
+    assert a == arrival_times(profile, 5, random.Random(7), poisson=True, limit=100_000)
+    assert len(a) == pytest.approx(1000, rel=0.15) and a == sorted(a) and a[-1] <= 200
+    assert len(arrival_times(profile, 5, random.Random(7), poisson=True, limit=10)) == 10
+
+
+def outcome(kind: str = "good", status: int | None = 200, latency_s: float | None = 0.5, **kw: object) -> Outcome:
+    o = Outcome(0, kind, "baseline", "warm", 0.0, timeout_s=2.0, status=status, latency_s=latency_s)
+    o.images, o.answer_variant = (1, "baseline") if status == 200 else (0, None)
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+def test_verdicts() -> None:
+    allowance = 0.5
+    assert problems(outcome(), allowance) == set()
+    assert problems(outcome(status=None, latency_s=None), allowance) == {"unanswered"}
+    assert problems(outcome("cancel", status=None, latency_s=None, cancelled=True), allowance) == set()
+    assert problems(outcome(latency_s=2.6), allowance) == {"late"}
+    assert problems(outcome(status=504, latency_s=2.01), allowance) == set()  # its deadline passed
+    assert problems(outcome(status=504, latency_s=1.0), allowance) == {"unexpected_5xx"}  # before its deadline
+    assert problems(outcome(status=500), allowance) == {"unexpected_5xx"}
+    assert problems(outcome(status=503, retry_after="1"), allowance) == {"unexpected_5xx"}
+    assert problems(outcome(status=429, retry_after="1"), allowance) == set()
+    assert problems(outcome(status=429), allowance) == {"wrong_answer"}  # no Retry-After
+    assert problems(outcome("invalid", status=422), allowance) == set()
+    assert problems(outcome("invalid", status=200), allowance) == {"wrong_answer"}
+    assert problems(outcome(status=422), allowance) == {"wrong_answer"}
+    assert problems(outcome(answer_variant="litevar"), allowance) == {"wrong_answer"}
+
+
+def test_rss_growth_compares_the_medians_of_two_windows() -> None:
+    samples = [(float(t), 100 + (5 if t >= 120 else 0) + (1000 if t < 10 else 0)) for t in range(181)]
+    g = rss_growth(samples, warmup_s=60, window_s=60, end_s=180)
+    assert g["first_median_bytes"] == 100 and g["last_median_bytes"] == 105
+    assert g["growth"] == pytest.approx(0.05)
+    assert rss_growth(samples[:50], 60, 60, 180)["growth"] is None
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://localhost:8000", "https://127.0.0.1:8000"])
+def test_only_the_loopback_address_is_loaded(url: str) -> None:
+    with pytest.raises(SystemExit, match="loopback"):
+        bench_main(["load", "--url", url])
+
+
+@pytest.mark.slow
+def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, log = tmp_path / "load.json", tmp_path / "server.log"
+    args = ["load", "--model-dir", str(DEMO), "--variants", "baseline,litevar", "--server-log", str(log)]
+    args += ["--set", "VAR_MAX_BATCH_SIZE=4", "--set", "VAR_QUEUE_CAPACITY=8", "--set", "VAR_MAX_IMAGES_PER_REQUEST=4"]
+    args += ["--capacity-requests", "16"]
+    args += ["--duration", "10", "--timeout-s", "5", "--short-timeout-s", "0.5", "--grace-s", "5"]
+    args += ["--invalid-share", "0.15", "--cancel-share", "0.15", "--rss-interval-s", "0.25", "--json", str(out)]
+    t0 = time.monotonic()
+    status = bench_main(args)
+    elapsed = time.monotonic() - t0
+    report = json.loads(out.read_text())
+    t = report["totals"]
+    assert (status, t["unanswered"], t["late"], t["unexpected_5xx"], t["wrong_answers"]) == (0, 0, 0, 0, 0), (
+        report["failures"],
+        report["errors"],
+        log.read_text()[-3000:],
+    )
+    assert t["requests"] == t["answered"] + t["cancelled"] > 100
+    assert set(t["by_kind"]["invalid"]) == {"422"}  # every invalid body, and nothing else, got 422
+    assert t["cancelled"] > 0 and report["rejections"]["invalid"] == t["by_status"]["422"]
+    overload = next(p for p in report["phases"] if p["name"] == "overload")
+    refused = overload["by_status"].get("429", 0)
+    assert refused > 0 and report["rejections"]["queue_full"] >= refused
+    for variant in ("baseline", "litevar"):
+        v = report["variants"][variant]
+        assert v["ok"] > 0 and 0 < v["p50_ms"] <= v["p95_ms"] <= v["p99_ms"] and v["images_per_second"] > 0
+    rss = report["rss"]
+    assert rss["source"].startswith("/proc/") and len(rss["samples"]) >= 20 and rss["peak_bytes"] > 100 * 2**20
+    assert report["capacity_images_per_second"] > 0 and "python -m app.bench load" in report["command"]
+    assert "unexpected 5xx 0" in capsys.readouterr().out
+    assert elapsed < 60, f"the short run took {elapsed:.0f} s"
