@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from app.bench import load, offline, served
+from app.bench import offline, served
+from app.bench.load import cli as load
 
 
 def main(argv: list[str] | None = None) -> int:

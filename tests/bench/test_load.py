@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 
 from app.bench.__main__ import main as bench_main
-from app.bench.load import (
-    Outcome,
-    Segment,
-    arrival_times,
-    phase_of,
-    problems,
-    ramp_profile,
-    rss_growth,
-    steady_profile,
-)
+from app.bench.load.client import Outcome, problems
+from app.bench.load.plan import Segment, arrival_times, phase_of, ramp_profile, steady_profile
+from app.bench.load.server import rss_growth
 from tests.conftest import DEMO
 
 

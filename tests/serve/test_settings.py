@@ -75,7 +75,7 @@ def test_every_var_name_the_project_sets_is_a_setting() -> None:
     """Compose, the Dockerfile, the Ray configs, the Makefile, the code and the tests set only VAR_* names that
     are settings (else the start would stop): every VAR_ name in them but the typos these tests make on purpose
     and a placeholder of a help text."""
-    typos = {"VAR_MAX_BATCH", "VAR_QUEUE_CAPACTY", "VAR_NAME"}  # VAR_NAME: `--set VAR_NAME=VALUE` (app/bench/load.py)
+    typos = {"VAR_MAX_BATCH", "VAR_QUEUE_CAPACTY", "VAR_NAME"}  # VAR_NAME: `--set VAR_NAME=VALUE` (bench load)
     files = [ROOT / "Dockerfile", ROOT / "Makefile", ROOT / "docker-compose.yml"]
     files += [*(ROOT / "docker").rglob("*.y*ml"), *(ROOT / "app").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
     found = {(m, f.relative_to(ROOT)) for f in files for m in re.findall(r"\bVAR_[A-Z][A-Z0-9_]*\b", f.read_text())}
