@@ -154,6 +154,7 @@ def served_throughput(url: str, variant: str, params: SamplingParams, concurrenc
 
 
 def bench_variant(a: argparse.Namespace, url: str, variant: str, max_batch: int, params: SamplingParams) -> ServeRecord:
+    """Offline at the server's own thread count, then served: the difference is the service's alone."""
     pipe = apply_variant(variant, load_folder(a.model_dir).to(a.device))
     one = [Contender(variant, pipeline_runner(pipe, params), pipe)]
     common = {"preset": pipe.config.name, "device": a.device, "num_classes": pipe.num_classes}
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         info = httpx.get(f"{url}/models", timeout=10).json()
         params = SamplingParams(**info["defaults"])
         max_batch = int(info["limits"]["max_batch_size"])
+        torch.set_num_threads(int(info["torch_threads"]))  # the offline side computes as the server does
         records = []
         for variant in a.variant_list:
             records.append(bench_variant(a, url, variant, max_batch, params))

@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 FAILED_RETRY_AFTER_S = 60  # a failed load does not heal: only a restart (which /healthz 503 asks for) helps
 
 
+def compute_threads(setting: int, available: int) -> int:
+    """Torch's CPU threads: the setting, or with 0 all but one of the `available` threads (torch's default,
+    which follows OMP_NUM_THREADS, as Ray sets it per replica), at least one. The event loop, the HTTP parser
+    and the image encoder need a core of their own: with every core computing, OpenMP's threads wait at their
+    barriers for one that the encoder has preempted (on 2 cores, served throughput at batch 8 was 0.71x of
+    the same pipeline offline; with one thread computing, 0.83-1.02x: docs/benchmarks.md)."""
+    return setting or max(1, available - 1)
+
+
 class Phase(StrEnum):
     LOADING = "loading"
     READY = "ready"
@@ -61,8 +70,7 @@ class Service:
     async def _load(self) -> None:
         s = self.settings
         try:
-            if s.torch_threads:
-                torch.set_num_threads(s.torch_threads)
+            torch.set_num_threads(compute_threads(s.torch_threads, torch.get_num_threads()))
             t0 = time.monotonic()
             device = resolve_device(s.device)
             self.model = model = await asyncio.to_thread(
@@ -173,6 +181,7 @@ class Service:
         return {
             "model": {"name": m.name, "preset": m.config.name, "image_size": m.image_size},
             "device": str(m.device),
+            "torch_threads": torch.get_num_threads(),
             "classes": [{"label": i, "name": name} for i, name in enumerate(names)],
             "default_variant": lim.default_variant,
             "variants": [_variant(v) for v in m.variants.values()],

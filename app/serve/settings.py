@@ -31,7 +31,12 @@ class ServeSettings(BaseSettings):
     )
     default_variant: str = Field(default="", description="variant of requests that name none (empty: the first)")
     device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda:0...")
-    torch_threads: int = Field(default=0, ge=0, description="CPU threads for torch (0: torch's default)")
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads for torch (0: torch's default less one, at least 1; the spare core serves HTTP "
+        "and encodes)",
+    )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="most images computed in one batch")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait of the oldest image for a fuller batch")
     queue_capacity: int = Field(default=64, ge=1, description="most images waiting; beyond it requests get 429")

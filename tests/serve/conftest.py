@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.bench.served import start_server
@@ -41,8 +42,10 @@ def demo_pipeline(demo_folder: Path) -> VARPipeline:
 
 
 def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
-    """Settings for tests: no warm-up unless asked (it is tested on its own), small limits."""
+    """Settings for tests: no warm-up unless asked (it is tested on its own), small limits, and the test
+    process's own thread count (a service sets torch's threads process-wide)."""
     values: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
         "model_dir": folder,
         "variants": ["baseline"],
         "warmup": False,

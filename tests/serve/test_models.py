@@ -13,6 +13,7 @@ from app.compress.attention import PlannedAttention
 from app.compress.attention_passes import MissingWindowPlan, PlanOrigin
 from app.serve.app import create_app
 from app.serve.models import load_model
+from app.serve.service import compute_threads
 from tests.conftest import DEMO
 from tests.serve.conftest import serve_settings, serving
 from tests.serve.test_metrics import scrape
@@ -68,3 +69,9 @@ def test_only_a_plain_decoder_hook_shares_the_vqvae(demo_folder: Path) -> None:
     assert compiled.pipeline.vqvae is not baseline.pipeline.vqvae
     assert compiled.pipeline.decoder_fn is not compiled.pipeline.vqvae.decoder
     assert compiled.weight_bytes > bf16.weight_bytes
+
+
+def test_the_server_computes_on_every_thread_but_one_unless_told() -> None:
+    for available, threads in ((16, 15), (2, 1), (1, 1)):
+        assert compute_threads(0, available) == threads, available
+    assert compute_threads(3, 16) == 3  # a setting wins
