@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus
 
 .PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
-	evaluate test-fast loadtest soak
+	evaluate test-fast loadtest soak gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ loadtest: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m app.bench load --profile steady --level 1.0 --duration 600 --max-rss-growth 0.05 \
 		--json runs/soak.json $(SOAK_ARGS)
+
+# On a machine with an NVIDIA GPU: conformance on the device, a batch's memory, and the d16 batch-8 benchmark of
+# baseline (bf16), litevar and fastest, written to runs/gpu-check.json (app/bench/gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) -m app.bench gpu-check --json runs/gpu-check.json
 
 # the demo model on 127.0.0.1:8000; VAR_* variables (docs/serving.md) configure the rest
 serve: $(STAMP)
