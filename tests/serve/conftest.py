@@ -16,6 +16,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import app.serve.engine as engine_module
+import app.serve.service as service_module
 from app.bench.served import start_server
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
@@ -142,3 +144,28 @@ def live_server(demo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     log = tmp_path_factory.mktemp("live_server") / "server.log"
     with live_server_process(demo_folder, log, VAR_VARIANTS="baseline,bf16") as server:
         yield server
+
+
+def gated_load(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Loading the model waits (up to 30 s) until the returned event is set."""
+    release = threading.Event()
+    real = service_module.load_model
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "load_model", slow_load)
+    return release
+
+
+def crash_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's scheduler raises "injected scheduler bug" as soon as anything is queued."""
+    real = engine_module.next_batch
+
+    def crashing(queue: list[Any], *args: Any, **kwargs: Any) -> Any:
+        if queue:
+            raise RuntimeError("injected scheduler bug")
+        return real(queue, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_batch", crashing)

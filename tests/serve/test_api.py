@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +21,10 @@ from app.model.config import DEMO
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from app.model.timing import Stage
-from app.serve import service as service_module
 from app.serve.app import create_app
 from app.serve.encoding import encode_images
 from app.serve.schemas import SEED_MAX, GenerateRequest, Timings
-from tests.serve.conftest import serve_settings, serving, wait_ready
+from tests.serve.conftest import gated_load, serve_settings, serving, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +260,7 @@ def warmed_up_app(folder: Path) -> FastAPI:
 
 
 def test_503_with_retry_after_until_loaded_and_warmed_up(demo_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loading = threading.Event()
-    real_load = service_module.load_model
-
-    def slow_load(*args: Any, **kwargs: Any) -> Any:
-        assert loading.wait(30)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_model", slow_load)
+    loading = gated_load(monkeypatch)
     with TestClient(warmed_up_app(demo_folder)) as c:
         assert c.get("/healthz").status_code == 200
         ready = c.get("/readyz")

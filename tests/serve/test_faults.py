@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-import app.serve.engine as engine_module
 from app.model.pipeline import VARPipeline
 from app.serve.batching import (
     BatchFailed,
@@ -25,7 +24,7 @@ from app.serve.batching import (
 )
 from app.serve.engine import Engine, Fault
 from app.serve.metrics import ServeMetrics
-from tests.serve.conftest import Recording
+from tests.serve.conftest import Recording, crash_the_scheduler
 from tests.serve.test_engine import FAST, request
 
 T = TypeVar("T")
@@ -251,14 +250,7 @@ def test_a_stuck_batch_makes_the_engine_unhealthy_until_it_ends(demo_pipeline: V
 def test_a_dead_scheduler_fails_accepted_requests_and_makes_the_engine_unhealthy(
     demo_pipeline: VARPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine_module.next_batch
-
-    def crashing(queue: list[Any], *args: Any, **kwargs: Any) -> Any:
-        if queue:
-            raise RuntimeError("injected scheduler bug")
-        return real(queue, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "next_batch", crashing)
+    crash_the_scheduler(monkeypatch)
 
     async def scenario() -> None:
         e = Engine({"baseline": demo_pipeline}, max_batch_size=2, max_wait_s=0.0, queue_capacity=8)

@@ -19,14 +19,13 @@ from fastapi.testclient import TestClient
 
 import app.serve.api as api_module
 import app.serve.engine as engine_module
-import app.serve.service as service_module
 from app.model.pipeline import Generation, VARPipeline
 from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.app import create_app
 from app.serve.batching import NotAccepting
 from app.serve.service import Phase, Service
-from tests.serve.conftest import Gated, Recording, serve_settings, serving
+from tests.serve.conftest import Gated, Recording, crash_the_scheduler, gated_load, serve_settings, serving
 
 BODY = {"class_label": 1, "top_k": 0}
 
@@ -67,14 +66,7 @@ def test_a_stuck_batch_turns_healthz_to_503_naming_it_until_the_batch_ends(
 def test_a_dead_scheduler_turns_healthz_to_503_and_fails_accepted_requests_with_500(
     demo_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine_module.next_batch
-
-    def crashing(queue: list[Any], *args: Any, **kwargs: Any) -> Any:
-        if queue:
-            raise RuntimeError("injected scheduler bug")
-        return real(queue, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "next_batch", crashing)
+    crash_the_scheduler(monkeypatch)
     with serving(serve_settings(demo_folder)) as c:
         failed = c.post("/generate", json=BODY)
         assert failed.status_code == 500 and failed.json()["error_id"] in failed.json()["detail"]
@@ -148,18 +140,6 @@ def test_an_answer_never_arrives_after_timeout_s_even_when_encoding_is_slow(
         # the answer is due at timeout_s; the encoding would have taken 30 s. The margin covers the request's
         # way to the engine and back on a loaded machine
         assert elapsed < timeout_s + 2.0
-
-
-def gated_load(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    release = threading.Event()
-    real = service_module.load_model
-
-    def slow_load(*args: Any, **kwargs: Any) -> Any:
-        assert release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_model", slow_load)
-    return release
 
 
 def assert_never_started(service: Service) -> None:
