@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.bench.served import free_port, start_server
+from app.bench.served import free_port, start_server, stop_process
 from tests.deploy.dashboard import (
     ROOT,
     VARIANT_VALUES,
@@ -138,12 +138,7 @@ def prometheus(target: str, folder: Path, budget: Budget) -> Iterator[Prometheus
         budget.wait_for("Prometheus ready", ready, 20)
         yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         log.close()
 
 
