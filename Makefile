@@ -64,9 +64,9 @@ soak: $(STAMP)
 		--json runs/soak.json $(SOAK_ARGS)
 
 # On a machine with an NVIDIA GPU: conformance on the device, a batch's memory, and the d16 batch-8 benchmark of
-# baseline (bf16), litevar and fastest, written to runs/gpu-check.json (app/bench/gpu_check.py).
+# baseline (bf16), litevar and fastest, written to runs/gpu-check.json (app/tools/gpu_check.py).
 gpu-check: $(STAMP)
-	$(PY) -m app.bench gpu-check --json runs/gpu-check.json
+	$(PY) -m app gpu-check --json runs/gpu-check.json
 
 # the demo model on 127.0.0.1:8000; VAR_* variables (docs/serving.md) configure the rest
 serve: $(STAMP)

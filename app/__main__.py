@@ -1,4 +1,4 @@
-"""`python -m app <tool> ...`: generate, evaluate, conformance or sensitivity (`--help` after a tool's name)."""
+"""`python -m app <tool> ...`: generate, evaluate, conformance, sensitivity or gpu-check (`--help` after it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ TOOLS = {
     "evaluate": "image quality of variants on the same (class, seed) list",
     "conformance": "check the model against outputs of the official VAR code",
     "sensitivity": "quality with one layer type at a time in int8",
+    "gpu-check": "what a lent GPU machine runs: conformance on the device, memory, the d16 benchmark",
 }
 
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  {name:<12} {summary}" for name, summary in TOOLS.items())
         print(f"usage: python -m app <tool> [--help]\n\ntools:\n{lines}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    tool = importlib.import_module(f"app.tools.{argv[0]}")  # one tool's imports, not all of them
+    tool = importlib.import_module(f"app.tools.{argv[0].replace('-', '_')}")  # one tool's imports, not all
     result: int = tool.main(argv[1:])
     return result
 

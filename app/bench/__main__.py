@@ -1,11 +1,11 @@
-"""`python -m app.bench [serve|load|gpu-check] ...`: the offline benchmark, with `serve` the serving benchmark,
-with `load` the load and soak test (`app.bench.load`), with `gpu-check` what a lent GPU machine runs."""
+"""`python -m app.bench [serve|load] ...`: the offline benchmark, with `serve` the serving benchmark, with `load`
+the load and soak test (`app.bench.load`)."""
 
 from __future__ import annotations
 
 import sys
 
-from app.bench import gpu_check, offline, served
+from app.bench import offline, served
 from app.bench.load import cli as load
 
 
@@ -15,8 +15,6 @@ def main(argv: list[str] | None = None) -> int:
         return served.main(argv[1:])
     if argv[:1] == ["load"]:
         return load.main(argv[1:])
-    if argv[:1] == ["gpu-check"]:
-        return gpu_check.main(argv[1:])
     return offline.main(argv)
 
 

@@ -1,4 +1,4 @@
-"""`python -m app.bench gpu-check` (`make gpu-check`): what a lent GPU machine runs in a few minutes.
+"""`python -m app gpu-check` (`make gpu-check`): what a lent GPU machine runs in a few minutes.
 
 1. The device: its name, compute capability, and torch's CUDA version.
 2. Conformance on the device: the official fixtures' greedy tokens and logits, teacher-forced logits and VQVAE
@@ -75,7 +75,7 @@ def benchmark(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m app.bench gpu-check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m app gpu-check", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--fixtures", default=FIXTURES, help="comma-separated folders made by the official code")
     ap.add_argument("--preset", default="d16", help="model shape of the memory check and the benchmark")

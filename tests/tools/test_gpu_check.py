@@ -1,4 +1,4 @@
-"""`python -m app.bench gpu-check`, run on the CPU at the tiny shape (its twin of a GPU run): the report, and
+"""`python -m app gpu-check`, run on the CPU at the tiny shape (its twin of a GPU run): the report, and
 exit status 1 when the device does not reproduce the official code's outputs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bench.__main__ import main
+from app.__main__ import main
 from tests.conftest import SHARED_ALN, TINY
 
 CPU_TWIN = ["gpu-check", "--device", "cpu", "--preset", "tiny", "--variants", "baseline", "--batch-size", "2"]
