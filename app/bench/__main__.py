@@ -1,11 +1,13 @@
-"""`python -m app.bench [serve|load] ...`: the offline benchmark, with `serve` the serving benchmark, with `load`
-the load and soak test (`app.bench.load`)."""
+"""`python -m app.bench [serve|load|kernels|decoder|attention] ...`: the offline benchmark, with `serve` the serving
+benchmark, with `load` the load and soak test (`app.bench.load`), with `kernels` each layer kind's kernel
+options side by side (`app.bench.kernels`), with `decoder` the VQVAE decoder's forms side by side
+(`app.bench.decoder`), with `attention` windowed attention against dense per scale (`app.bench.attention`)."""
 
 from __future__ import annotations
 
 import sys
 
-from app.bench import offline, served
+from app.bench import decoder, kernels, offline, served
 from app.bench.load import cli as load
 
 
@@ -15,6 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         return served.main(argv[1:])
     if argv[:1] == ["load"]:
         return load.main(argv[1:])
+    if argv[:1] == ["kernels"]:
+        return kernels.main(argv[1:])
+    if argv[:1] == ["decoder"]:
+        return decoder.main(argv[1:])
+    if argv[:1] == ["attention"]:
+        from app.bench import attention  # imported on use: the other benchmarks do not need it
+
+        return attention.main(argv[1:])
     return offline.main(argv)
 
 

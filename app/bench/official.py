@@ -2,6 +2,11 @@
 
 The official code is not part of this project: the user points at a local checkout of
 FoundationVision/VAR. Both models get the very same tensors (the state-dict keys are identical).
+
+Two contenders share one build of it: `official` as it runs by default (float32 on CPU), and `official-bf16`
+under `torch.autocast(device, torch.bfloat16)`, the way its own demo runs on a GPU, measured only where
+bfloat16 matmuls are native (the hardware table): elsewhere they are emulated, ~7x slower, and timing it
+would only say so again.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from pathlib import Path
 import torch
 
 from app.bench.runner import Runner
+from app.compress.hardware import bf16_native
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 
 
 def _import_official_builder(src: Path) -> Callable[..., tuple[torch.nn.Module, torch.nn.Module]]:
     sys.path.insert(0, str(src))
-    if importlib.util.find_spec("huggingface_hub") is None:
+    # find_spec refuses a module already stubbed in sys.modules (no __spec__): a second build in one process
+    if "huggingface_hub" not in sys.modules and importlib.util.find_spec("huggingface_hub") is None:
         # only used there for a hub-download mixin class; generation does not touch it
         stub = types.ModuleType("huggingface_hub")
         stub.__dict__["PyTorchModelHubMixin"] = type("PyTorchModelHubMixin", (), {})
@@ -32,7 +39,22 @@ def _import_official_builder(src: Path) -> Callable[..., tuple[torch.nn.Module, 
     return build_vae_var
 
 
-def official_runner(src: Path, base: VARPipeline, params: SamplingParams) -> Runner:
+def official_runners(src: Path, base: VARPipeline, params: SamplingParams) -> dict[str, Runner]:
+    """The official contenders for this machine, by name: `official`, and `official-bf16` where bfloat16 is
+    native on the pipeline's device; both run one build of the official models."""
+    var = _official_var(src, base)
+    runners = {"official": _runner(var, base.device, params, None)}
+    if bf16_native(base.device):
+        runners["official-bf16"] = _runner(var, base.device, params, torch.bfloat16)
+    return runners
+
+
+def official_runner(src: Path, base: VARPipeline, params: SamplingParams, dtype: torch.dtype | None = None) -> Runner:
+    """The official code on `base`'s weights, under `dtype` autocast when given (float32 otherwise)."""
+    return _runner(_official_var(src, base), base.device, params, dtype)
+
+
+def _official_var(src: Path, base: VARPipeline) -> torch.nn.Module:
     build_vae_var = _import_official_builder(src)
     c = base.config
     with contextlib.redirect_stdout(sys.stderr):  # its constructors print
@@ -52,12 +74,16 @@ def official_runner(src: Path, base: VARPipeline, params: SamplingParams) -> Run
     var.load_state_dict(base.var.state_dict(), strict=True)
     vae.eval()
     var.eval()
+    return var
 
+
+def _runner(var: torch.nn.Module, device: torch.device, params: SamplingParams, dtype: torch.dtype | None) -> Runner:
     def run(labels: list[int], seed: int) -> dict[str, float]:
-        with torch.inference_mode():
+        precision = torch.autocast(device.type, dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
             var.autoregressive_infer_cfg(  # type: ignore[operator]
                 B=len(labels),
-                label_B=torch.tensor(labels, device=base.device),
+                label_B=torch.tensor(labels, device=device),
                 g_seed=seed,
                 cfg=params.cfg,
                 top_k=params.top_k,

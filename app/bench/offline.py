@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 
 from app.bench.runner import BenchRecord, Contender, add_speedups, measure, pipeline_runner
-from app.compress import VARIANTS, WINDOWED_ATTENTION, apply_variant
+from app.compress import CFG_ATTENTION_SHARING, VARIANTS, WINDOWED_ATTENTION, apply_variant
 from app.compress.attention_passes import attention_flops
-from app.compress.calibrate import calibrate
-from app.compress.windows import PLAN_FILE, WindowSettings
+from app.compress.calibrate import calibrate, calibrate_sharing
+from app.compress.sharing import SHARING_PLAN_FILE, SharingSettings
+from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
 from app.model.checkpoint import load_folder, open_pipeline
 from app.model.config import PRESETS
 from app.model.memory import module_bytes
@@ -63,6 +65,23 @@ def print_table(records: list[BenchRecord], reference: str) -> None:
             f"machine: float32 GEMM probe {min(probes):.0f}-{max(probes):.0f} GFLOP/s over the batch sizes "
             "(median of the rounds; lower means a busier machine)"
         )
+    print_kernels(records)
+
+
+def print_kernels(records: list[BenchRecord]) -> None:
+    """The CPU kind, then per variant the kernel each layer type ran (as installed, not as planned)."""
+    if not records:
+        return
+    r = records[0]
+    flags = ", ".join(f for f, present in r.cpu_flags.items() if present) or "none of avx2/avx512/amx"
+    forced = f", kernels chosen for {r.cpu_isa} (forced)" if r.cpu_isa_forced else ""
+    gpu = f"; GPU {r.gpu}" if r.gpu else ""
+    print(f"cpu: {r.cpu_model} ({flags}){forced}{gpu}")
+    for variant in dict.fromkeys(x.variant for x in records):
+        rec = next(x for x in records if x.variant == variant)
+        if rec.layer_kernels:
+            kernels = ", ".join(f"{layer} {kernel}" for layer, kernel in rec.layer_kernels.items())
+            print(f"kernels {variant}: {kernels}{'; step compiled' if rec.step_compiled else ''}")
 
 
 def measure_load_seconds(pipe: VARPipeline) -> float:
@@ -89,7 +108,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--official-src", type=Path, help="checkout of the official VAR code: adds variant 'official'")
+    ap.add_argument(
+        "--official-src",
+        type=Path,
+        help="checkout of the official VAR code: adds variants 'official' and, where bfloat16 is native, "
+        "'official-bf16' (under bfloat16 autocast)",
+    )
+    ap.add_argument(
+        "--window-plan",
+        type=Path,
+        help="window plan for every windowed variant (e.g. `python -m app.compress band-plan`), instead of the "
+        "checkpoint's or one calibrated on random weights",
+    )
     ap.add_argument("--measure-load", action="store_true", help="also time loading the weights from local files")
     ap.add_argument("--json", type=Path, help="write the records here")
     ap.add_argument("--plot", type=Path, help="write a PNG of speed-up and attention FLOPs per variant here")
@@ -111,17 +141,44 @@ def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
         pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
         yield Contender(name, pipeline_runner(pipe, params), pipe)
     if a.official_src is not None:
-        from app.bench.official import official_runner
+        from app.bench.official import official_runners
 
-        yield Contender("official", official_runner(a.official_src, base, params), None)
+        for name, runner in official_runners(a.official_src, base, params).items():
+            yield Contender(name, runner, None)
 
 
-def ensure_window_plan(base: VARPipeline, workdir: Path) -> None:
+def ensure_window_plan(base: VARPipeline, workdir: Path, plan_file: Path | None = None) -> None:
     """Random weights have no saved window plan: calibrate one once (on 4 images) for every variant to share.
-    On random weights the plan measures the mechanism, not a trained model's attention."""
+    On random weights the plan measures the mechanism, not a trained model's attention (and at d16 it comes
+    out nearly dense). `plan_file` (`--window-plan`), e.g. a band plan, replaces any plan for every variant."""
+    if plan_file is not None:
+        use_window_plan(base, workdir, plan_file)
+        return
     if base.source is not None and (base.source / PLAN_FILE).is_file():
         return
     calibrate(base, WindowSettings(batches=1, batch_size=4)).save(workdir / PLAN_FILE)
+    base.source = workdir
+
+
+def use_window_plan(base: VARPipeline, workdir: Path, plan_file: Path) -> None:
+    """Copy `plan_file` into `workdir` as the model's window plan (ValueError when it is for another model
+    shape); a sharing plan beside the checkpoint comes along, the passes read both from one folder."""
+    var = base.config.var
+    WindowPlan.load(plan_file).check_fits(var.depth, var.num_heads, var.patch_nums)
+    if base.source is not None and base.source != workdir and (base.source / SHARING_PLAN_FILE).is_file():
+        shutil.copyfile(base.source / SHARING_PLAN_FILE, workdir / SHARING_PLAN_FILE)
+    shutil.copyfile(plan_file, workdir / PLAN_FILE)
+    base.source = workdir
+
+
+def ensure_sharing_plan(base: VARPipeline, workdir: Path) -> None:
+    """Random weights have no saved sharing plan: calibrate one once (on 4 images), as the window plan, into
+    `workdir`, which then holds the checkpoint's window plan too (the passes read both from one folder)."""
+    if base.source is not None and (base.source / SHARING_PLAN_FILE).is_file():
+        return
+    if base.source is not None and base.source != workdir and (base.source / PLAN_FILE).is_file():
+        shutil.copyfile(base.source / PLAN_FILE, workdir / PLAN_FILE)
+    calibrate_sharing(base, SharingSettings(batches=1, batch_size=4)).save(workdir / SHARING_PLAN_FILE)
     base.source = workdir
 
 
@@ -134,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     load_s = measure_load_seconds(base) if a.measure_load else None
     with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
         if any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list):
-            ensure_window_plan(base, Path(tmp))
+            try:
+                ensure_window_plan(base, Path(tmp), a.window_plan)
+            except (OSError, ValueError) as e:
+                sys.exit(f"--window-plan {a.window_plan}: {e}")
+        if any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list):
+            ensure_sharing_plan(base, Path(tmp))
         records = run_all(a, base, preset)
     reference = a.variant_list[0]
     add_speedups(records, reference)

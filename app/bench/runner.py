@@ -2,7 +2,9 @@
 
 Contenders are timed in turns, `runs` rounds after one warm-up call each: drift of a shared machine then
 hits every contender alike. Before each round a float32 GEMM probe records how fast the machine is at that
-moment (GFLOP/s), so absolute times from a shared, noisy machine come with its state.
+moment (GFLOP/s), so absolute times from a shared, noisy machine come with its state. Every record also names
+the machine (CPU model, the ISA flags int8 and bfloat16 kernels depend on, GPU) and, per variant, the kernel
+each layer type ran, read from the installed modules.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.compress.hardware import detect, detected
+from app.compress.quantize import layer_kernels
 from app.model import memory
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
@@ -46,6 +50,13 @@ class BenchRecord:
     machine_gflops: float | None = None  # median of the GEMM probe over the rounds (CPU only)
     machine_gflops_all: list[float] = field(default_factory=list)
     torch_version: str = torch.__version__
+    cpu_model: str = ""
+    cpu_isa: str = ""  # the ISA level the kernel tables read (app.compress.hardware), forced or detected
+    cpu_isa_forced: bool = False
+    cpu_flags: dict[str, bool] = field(default_factory=dict)  # the real CPU's avx2, avx512f, avx512_vnni, ..., amx
+    gpu: str | None = None
+    layer_kernels: dict[str, str] = field(default_factory=dict)  # layer type -> kernel; empty: not our code
+    step_compiled: bool = False
 
 
 def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
@@ -117,7 +128,21 @@ def measure(contenders: list[Contender], *, preset: str, device: str, batch_size
             probe.append(gflops)
         for c in contenders:
             samples[c.name].time(c.runner, labels, 1000 * (r + 1), device)
-    return [_record(c.name, samples[c.name], preset, device, batch_size, probe) for c in contenders]
+    records = [_record(c.name, samples[c.name], preset, device, batch_size, probe) for c in contenders]
+    for record, c in zip(records, contenders, strict=True):
+        describe_kernels(record, c.pipe)
+    return records
+
+
+def describe_kernels(record: BenchRecord, pipe: VARPipeline | None) -> None:
+    """The machine as it is, the ISA level the kernel tables read (forced or not), and the kernels `pipe` runs
+    per layer type (none for the official code)."""
+    real, chosen = detected(), detect()
+    record.cpu_model, record.cpu_flags, record.gpu = real.cpu_model, real.recorded_flags(), real.gpu
+    record.cpu_isa, record.cpu_isa_forced = chosen.level, chosen.forced
+    if pipe is not None:
+        record.layer_kernels = layer_kernels(pipe)
+        record.step_compiled = pipe.step_fn != pipe.var.step  # compiled_step installs a function of its own
 
 
 def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, probe: list[float]) -> BenchRecord:

@@ -3,7 +3,8 @@ pipeline -> pipeline (in place) registered with its typed options and summary in
 
 Passes keep every `state_dict` key of the checkpoint (a quantized layer adds its `weight_scale`), so every
 variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer;
-its plan is the one saved beside the checkpoint unless the caller gives one (`apply_variant(window_plan=...)`).
+its plan is the one saved beside the checkpoint unless the caller gives one (`apply_variant(window_plan=...)`),
+and so is the sharing plan that scopes attention sharing across CFG (`apply_variant(sharing_plan=...)`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 
 from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_attention_sharing, windowed_attention
 from app.compress.compiled import autotuned_step, compiled_step
+from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
-from app.compress.quantize import MixedPrecision, bf16_vqvae, quantize_linears
+from app.compress.quantize import MixedPrecision, quantize_linears
 from app.compress.registry import PassFn, PassSpec, Step, VariantSpec
+from app.compress.sharing import SharingPlan
 from app.compress.windows import WindowPlan
 from app.model.pipeline import VARPipeline
 
@@ -55,7 +58,8 @@ WINDOWED_ATTENTION = _spec(
 CFG_ATTENTION_SHARING = _spec(
     cfg_attention_sharing,
     CfgSharing,
-    "Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention.",
+    "Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention where the "
+    "checkpoint's sharing plan allows it.",
 )
 QUANTIZE_LINEARS = _spec(
     quantize_linears,
@@ -65,7 +69,8 @@ QUANTIZE_LINEARS = _spec(
 BF16_VQVAE = _spec(
     bf16_vqvae,
     None,
-    "VQVAE convolution weights stored in bfloat16; the decoder computes in bfloat16 where that is native.",
+    "VQVAE convolution weights stored in bfloat16; where bfloat16 is native the decoder runs in it end to end "
+    "(oneDNN convolutions pre-packed on CPU), elsewhere in float32.",
 )
 GUIDANCE_OFF_LAST = _spec(
     guidance_off_last,
@@ -128,20 +133,26 @@ VARIANTS: dict[str, VariantSpec] = {
         "compiled with frozen weights and autotuned GEMMs: the fastest float32 pipeline on CPU, slow to warm up",
         (DEVICE_PRECISION, Step(AUTOTUNED_STEP)),
     ),
-    # float weights, since fbgemm's int8 layers cannot be compiled (docs/compression.md)
+    # int8 and bf16 weights only where the hardware table's kernels for them trace and beat float32 (VNNI, AMX,
+    # CUDA; bf16 where native); on AVX2 every layer stays float32, as fbgemm's int8 layers cannot be compiled.
+    # AdaLN stays float32: int4 unpacks its weights at every generation, slower than the float32 GEMV (d16
+    # ada_lin.1, 2 rows: 9.3 ms against 3.6, `python -m app.bench kernels --layers ada_lin.1`, AVX-512 EPYC).
     "fastest": VariantSpec(
-        "the passes that pay most on the demo model: LiteVAR's attention passes, guidance off for the last "
-        "scale, everything compiled",
+        "the passes that pay most: LiteVAR's attention passes, int8 and bf16 weights where this hardware "
+        "computes them fast under compile, the bf16 decoder, guidance off for the last scale, the rest compiled",
         (
             DEVICE_PRECISION,
             Step(WINDOWED_ATTENTION),
             Step(CFG_ATTENTION_SHARING),
+            Step(QUANTIZE_LINEARS, MixedPrecision(int4=(), compilable=True)),
+            Step(BF16_VQVAE),
             LAST_SCALE_UNGUIDED,
             Step(COMPILED_STEP),
         ),
     ),
+    # eager: each int8 layer on the hardware table's kernel (fbgemm on AVX2), LiteVAR's weights in full
     "fastest-int8": VariantSpec(
-        "the fast variant with int8 weights: LiteVAR plus guidance off for the last scale",
+        "the fast variant with int8 weights, eager: LiteVAR plus guidance off for the last scale",
         (*LITEVAR, LAST_SCALE_UNGUIDED),
     ),
 }
@@ -154,14 +165,18 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
-def apply_variant(name: str, pipe: VARPipeline, *, window_plan: WindowPlan | None = None) -> VARPipeline:
+def apply_variant(
+    name: str, pipe: VARPipeline, *, window_plan: WindowPlan | None = None, sharing_plan: SharingPlan | None = None
+) -> VARPipeline:
     """Apply the named variant's passes in order (in place; copy the pipeline first to keep the original).
 
     `window_plan`: the plan its windowed attention uses (one calibrated at load, say); None: the plan saved
-    beside the checkpoint, refusing (MissingWindowPlan) when there is none."""
+    beside the checkpoint, refusing (MissingWindowPlan) when there is none. `sharing_plan` likewise for
+    attention sharing across CFG (MissingSharingPlan)."""
+    given = {WINDOWED_ATTENTION: window_plan, CFG_ATTENTION_SHARING: sharing_plan}
     for step in variant_spec(name).steps:
-        given = step.spec is WINDOWED_ATTENTION and window_plan is not None
-        pipe = step.run(pipe, plan=window_plan) if given else step.run(pipe)
+        plan = given.get(step.spec)
+        pipe = step.run(pipe, plan=plan) if plan is not None else step.run(pipe)
     return pipe
 
 

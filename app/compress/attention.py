@@ -4,8 +4,13 @@ Per query scale a layer takes one of three routes, all with true -inf semantics 
 - dense: scaled_dot_product_attention over every key (the baseline, and every scale without windows);
 - masked: dense scores with -inf outside the kept pairs: exact, but computes every pair (the reference, and
   the route where skipping does not pay: small scales on CPU, where any sparse kernel costs more than it saves);
-- sparse: FlexAttention under torch.compile with a block mask, so key blocks without a kept pair are never
-  computed (CPU and GPU); pairs inside computed blocks but outside the windows are masked.
+- sparse: only part of the pairs is computed, pairs computed but outside the windows are masked. On CPU,
+  key tiles (`KeyTiles`): queries are cut into tiles of about 32 rows, each tile gathers the keys any of its
+  queries keeps and attends to them as one small dense problem (matmul, softmax, matmul), one row and group
+  of heads at a time so that the gathered keys stay in cache. On GPU, FlexAttention under torch.compile with
+  a 32x32 block mask, so key blocks without a kept pair are never computed. FlexAttention also runs on CPU
+  (`sparse_kernel="flex"`), but there its 32x32 blocks cover a band poorly: with a d16 band plan keeping 15%
+  of the pairs it computes 51% of scale 9's pairs where key tiles compute 25%, and 63% of scale 8's blocks.
 
 With sharing at a scale, the unconditional rows [B, 2B) reuse the conditional rows' attention
 probabilities (their own QK^T and softmax are skipped; their own values are still used), or, with
@@ -30,7 +35,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from app.model.blocks import DenseAttention
 from app.model.kv_cache import ScaleStep
 
-SPARSE_BLOCK = 32  # FlexAttention's block edge on both axes
+SPARSE_BLOCK = 32  # FlexAttention's block edge on both axes; the key tiles' target query rows
+TILE_CHUNK = 1 << 22  # gathered key elements per chunk, rows over it split by heads (16 MiB of float32)
 ROUTES = ("dense", "masked", "sparse")
 
 
@@ -39,13 +45,46 @@ def _compiled_flex():  # compiled once per process; each new shape compiles once
     return torch.compile(flex_attention, dynamic=False)
 
 
+@dataclass(frozen=True, eq=False)
+class KeyTiles:
+    """The CPU sparse kernel's layout for one (heads, N, P) kept-pairs mask: the N queries cut into `tiles`
+    tiles of `size` rows (the last tile padded with copies of the last query); per (head, tile) the `keys`
+    that any query of the tile keeps, padded to a common `width` with keys no query keeps, and the `bias`,
+    0 on the pairs each query keeps and -inf elsewhere."""
+
+    size: int
+    keys: torch.Tensor  # int64 (heads, tiles, width)
+    bias: torch.Tensor  # float32 (heads, tiles, size, width)
+
+    @property
+    def pairs(self) -> int:
+        """(query, key) pairs computed for one row, all heads (padding included: the multiplies run on it)."""
+        return self.bias.numel()
+
+
+def key_tiles(kept: torch.Tensor, target_size: int = SPARSE_BLOCK) -> KeyTiles:
+    """Tiles of about `target_size` queries, balanced so that the last one is not mostly padding."""
+    heads, n, p = kept.shape
+    tiles = -(-n // target_size)
+    size = -(-n // tiles)
+    padded = torch.cat([kept, kept[:, -1:].expand(heads, tiles * size - n, p)], dim=1).view(heads, tiles, size, p)
+    union = padded.any(2)  # (heads, tiles, P)
+    width = int(union.sum(-1).max())
+    # kept keys first, in key order (a stable sort of "not kept"); then keys no query of the tile keeps
+    keys = torch.sort((~union).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    kept_in_tile = padded.gather(3, keys[:, :, None, :].expand(heads, tiles, size, width))
+    bias = torch.zeros(kept_in_tile.shape, device=kept.device).masked_fill_(~kept_in_tile, float("-inf"))
+    return KeyTiles(size, keys, bias)
+
+
 @dataclass
 class Route:
-    """How one query scale attends: `bias` (heads, N, P), 0 on kept pairs and -inf elsewhere (None: dense);
-    `blocks`, the block mask of the sparse route (None: not sparse)."""
+    """How one query scale attends: `bias` (heads, N, P), 0 on kept pairs and -inf elsewhere (None: dense, or
+    sparse, which carries its own mask); `blocks`, the sparse kernel's layout (None: not sparse): key tiles on
+    CPU, a FlexAttention block mask on GPU."""
 
     bias: torch.Tensor | None = None
-    blocks: BlockMask | None = None
+    blocks: BlockMask | KeyTiles | None = None
     computed_pairs: int | None = None  # (query, key) pairs computed for one row, all heads; None: every pair
     visited_pairs: int = 0  # sparse: pairs in the key blocks the kernel visits for one row, all heads
 
@@ -62,20 +101,41 @@ def block_mask(kept: torch.Tensor) -> BlockMask:
     return create_block_mask(mask_mod, None, heads, n, p, device=kept.device, BLOCK_SIZE=SPARSE_BLOCK)
 
 
-def route_for(kept: torch.Tensor, min_skipped: float) -> Route:
-    """The route for a (heads, N, P) kept-pairs mask: sparse where at least `min_skipped` of the key blocks
-    are skipped, else masked (or dense when everything is kept)."""
+SPARSE_KERNELS = ("tiles", "flex")
+
+
+def route_for(kept: torch.Tensor, min_skipped: float, sparse_kernel: str | None = None) -> Route:
+    """The route for a (heads, N, P) kept-pairs mask: sparse where the sparse kernel skips at least
+    `min_skipped` of the pairs (FlexAttention: of the key blocks), else masked (or dense when everything is
+    kept). The sparse kernel, unless named: key tiles on CPU, FlexAttention on GPU."""
     if bool(kept.all()):
         return Route()
-    bias = torch.zeros(kept.shape, device=kept.device).masked_fill_(~kept, float("-inf"))
+    if sparse_kernel is None:
+        sparse_kernel = "tiles" if kept.device.type == "cpu" else "flex"
+    if sparse_kernel not in SPARSE_KERNELS:
+        raise ValueError(f"unknown sparse kernel {sparse_kernel!r}; known: {', '.join(SPARSE_KERNELS)}")
+    sparse = _tiled_route(kept, min_skipped) if sparse_kernel == "tiles" else _flex_route(kept, min_skipped)
+    if sparse is not None:
+        return sparse
+    return Route(bias=torch.zeros(kept.shape, device=kept.device).masked_fill_(~kept, float("-inf")))
+
+
+def _tiled_route(kept: torch.Tensor, min_skipped: float) -> Route | None:
+    tiles = key_tiles(kept)
+    if 1 - tiles.pairs / kept.numel() < min_skipped:
+        return None
+    return Route(blocks=tiles, computed_pairs=tiles.pairs, visited_pairs=tiles.pairs)
+
+
+def _flex_route(kept: torch.Tensor, min_skipped: float) -> Route | None:
     mask = block_mask(kept)
     computed = mask.to_dense()[0].bool()  # (heads, query blocks, key blocks) that the kernel computes
     if 1 - computed.float().mean().item() < min_skipped:
-        return Route(bias=bias)
+        return None
     q_sizes = _block_sizes(kept.shape[1])
     k_sizes = _block_sizes(kept.shape[2])
     pairs = int((computed * (q_sizes[:, None] * k_sizes[None, :]).to(computed.device)).sum())
-    return Route(bias=bias, blocks=mask, computed_pairs=pairs, visited_pairs=block_mask_pairs(mask))
+    return Route(blocks=mask, computed_pairs=pairs, visited_pairs=block_mask_pairs(mask))
 
 
 def block_mask_pairs(mask: BlockMask) -> int:
@@ -117,7 +177,8 @@ class PlannedAttention(DenseAttention):
     `ran` counts what the kernel runs, per query scale: `ran[si]` is a `Ran`. Each call adds one call of its
     route and its pairs, taken from the operands where the multiplies run: the score tensor's size on the
     masked route, q's rows, heads and length times k's length on the dense route, the rows times the pairs
-    its block mask lists (`block_mask_pairs`, counted once per mask) on the sparse route. Shared
+    of its key tiles (`KeyTiles.pairs`) or of the blocks its block mask lists (`block_mask_pairs`), each
+    counted once per route, on the sparse route. Shared
     probabilities count as a call of the scale's route: scores of the conditional rows, weighted pairs of
     all rows. A few integer adds per call, no tensor work; nothing is counted on the teacher-forced path or
     while torch.compile traces the kernel (a compiled step counts nothing). `reset_counts` starts over."""
@@ -174,15 +235,16 @@ class PlannedAttention(DenseAttention):
         if route.blocks is not None:
             pairs = q.shape[0] * route.visited_pairs
             self._count(si, "sparse", pairs, pairs)
+            if isinstance(route.blocks, KeyTiles):
+                return tiled_attention(q, k, v, route.blocks, scale)
             return _compiled_flex()(q, k, v, block_mask=route.blocks, scale=scale)
         if route.bias is None:
             pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
             self._count(si, "dense", pairs, pairs)
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        # masked: explicit, measured faster on CPU than SDPA with a mask (which drops to a slower kernel)
-        p = _probs(q, k, route, scale)
-        self._count(si, "masked", p.numel(), p.numel())
-        return p @ v
+        pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        self._count(si, "masked", pairs, pairs)
+        return _masked(q, k, v, route, scale)
 
     # ---- accounting ----------------------------------------------------------------------------------
     def flops(self, step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
@@ -193,6 +255,71 @@ class PlannedAttention(DenseAttention):
         if self.share_outputs:
             return rows * per_row  # the conditional half only, QK^T and PV
         return (rows // 2 + rows) * per_row  # QK^T for the conditional half, PV for all rows
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: KeyTiles, scale: float) -> torch.Tensor:
+    """Attention over the pairs the key tiles keep: per (row, head, tile) softmax(q k^T * scale + bias) v over
+    the tile's gathered keys.
+
+    Eager, it goes one row at a time (and one group of heads, where a row gathers over `TILE_CHUNK` key
+    elements): one gather of many rows' keys leaves the cache before the matmuls read it (at the d16 shape
+    and batch 8, chunks of 2-4 rows took 1.2-1.8x the time of single rows), and buffers over glibc's mmap
+    threshold (32 MiB at most) are fresh pages, faulted in at every call. Compiled, all rows at once, so
+    that the graph does not depend on the batch size."""
+    rows, heads, n, dim = q.shape
+    num_tiles, width = tiles.keys.shape[1:]
+    padded = tiles.size * num_tiles
+    if padded > n:  # the padding rows' outputs are computed and dropped
+        q = torch.cat([q, q[:, :, -1:].expand(rows, heads, padded - n, dim)], dim=2)
+    q = q.unflatten(2, (num_tiles, tiles.size))
+    k_flat, k_index = _gather_source(k, tiles.keys)
+    v_flat, v_index = _gather_source(v, tiles.keys)
+
+    def attend(rs: slice, hs: slice) -> torch.Tensor:
+        index = k_index[rs, hs]
+        shape = (*index.shape[:2], num_tiles, width, dim)
+        # one gather along dim 0 of a 2-D view: along dim 1 of a 3-D strided view index_select copies its input
+        kg = k_flat.index_select(0, index.flatten()).view(shape)
+        vg = v_flat.index_select(0, v_index[rs, hs].flatten()).view(shape)
+        scores = (q[rs, hs] @ kg.transpose(-1, -2)).mul_(scale).add_(tiles.bias[hs])
+        return scores.softmax(-1) @ vg
+
+    if torch.compiler.is_compiling():
+        return attend(slice(None), slice(None)).flatten(2, 3)[:, :, :n]
+    out = q.new_empty(rows, heads, num_tiles, tiles.size, dim)
+    groups = -(-heads * num_tiles * width * dim // TILE_CHUNK)  # of heads, where one row is over the budget
+    head_chunk = -(-heads // groups)
+    for r in range(rows):
+        for h in range(0, heads, head_chunk):
+            rs, hs = slice(r, r + 1), slice(h, h + head_chunk)
+            out[rs, hs] = attend(rs, hs)
+    return out.flatten(2, 3)[:, :, :n]
+
+
+def _gather_source(t: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, heads, P, dim) as a (positions, dim) view, and the positions in it of every row's `keys` (heads,
+    tiles, width), (rows, heads, tiles * width). A slice of the KV cache stays a view: row r's head h's key j
+    is position r * per_row + h * per_head + j, its strides in units of a key."""
+    rows, heads, p, dim = t.shape
+    if t.stride(3) != 1 or t.stride(2) < dim or t.stride(1) % t.stride(2) or t.stride(0) % t.stride(2):
+        t = t.contiguous()
+    per_head, per_row = t.stride(1) // t.stride(2), t.stride(0) // t.stride(2)
+    flat = t.as_strided(((rows - 1) * per_row + (heads - 1) * per_head + p, dim), (t.stride(2), 1))
+    offsets = (torch.arange(rows, device=t.device) * per_row)[:, None] + torch.arange(heads, device=t.device) * per_head
+    return flat, (keys.flatten(1) + offsets[..., None])
+
+
+def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
+    """The masked route: explicit, measured faster on CPU than SDPA with a mask (which drops to a slower
+    kernel). Eager, score tensors over `TILE_CHUNK` elements go one row at a time (as the key tiles: cache,
+    page faults); at the d16 shape and batch 8 that halves the time of scale 8."""
+    rows, heads, n, _ = q.shape
+    if torch.compiler.is_compiling() or rows == 1 or rows * heads * n * k.shape[2] <= TILE_CHUNK:
+        return _probs(q, k, route, scale) @ v
+    out = q.new_empty(rows, heads, n, v.shape[-1])
+    for r in range(rows):
+        torch.matmul(_probs(q[r], k[r], route, scale), v[r], out=out[r])
+    return out
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, route: Route, scale: float) -> torch.Tensor:

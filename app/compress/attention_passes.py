@@ -1,8 +1,10 @@
 """Passes of the attention: multi-diagonal windowed attention and attention sharing across CFG.
 
-Windowed attention needs the window plan calibrated for the checkpoint's weights. It is saved beside the
-checkpoint (`python -m app.compress calibrate`); without one the pass refuses, and only a caller that asks
-for it (`window_plan(..., calibrate_missing=True)`) calibrates one, which takes a while and is logged.
+Each needs a plan calibrated for the checkpoint's weights: the window plan, and the sharing plan (at which
+layers and scales the unconditional rows may reuse the conditional rows' attention). Both are saved beside
+the checkpoint (`python -m app.compress calibrate`); without one the pass refuses, and only a caller that
+asks for it (`window_plan(..., calibrate_missing=True)`, likewise `sharing_plan`) calibrates one, which
+takes a while and is logged.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from app.compress.attention import PlannedAttention, dense_flops, route_for
-from app.compress.calibrate import calibrate
+from app.compress.calibrate import calibrate, calibrate_sharing
+from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan
 from app.compress.windows import PLAN_FILE, WindowPlan
 from app.model.blocks import SelfAttention
 from app.model.pipeline import VARPipeline
@@ -23,19 +26,31 @@ CALIBRATE = "python -m app.compress calibrate"  # the command that saves a plan 
 
 
 class PlanOrigin(StrEnum):
-    """Where a variant's window plan came from (reported by the service)."""
+    """Where a variant's window or sharing plan came from (reported by the service)."""
 
     FILE = "file"
     CALIBRATED = "calibrated at load"
+
+
+def _missing(needs: str, folder: Path | None, flags: str = "") -> str:
+    where = f"beside the checkpoint {folder}" if folder is not None else "(the pipeline has no checkpoint folder)"
+    command = f"{CALIBRATE} --model {folder if folder is not None else '<folder>'}{flags}"
+    return f"{needs}: none {where}; calibrate one with `{command}`"
 
 
 class MissingWindowPlan(ValueError):
     """No window plan is saved beside the checkpoint, and calibrating one now was not asked for."""
 
     def __init__(self, folder: Path | None):
-        where = f"beside the checkpoint {folder}" if folder is not None else "(the pipeline has no checkpoint folder)"
-        command = f"{CALIBRATE} --model {folder if folder is not None else '<folder>'}"
-        super().__init__(f"windowed attention needs a window plan: none {where}; calibrate one with `{command}`")
+        super().__init__(_missing("windowed attention needs a window plan", folder))
+
+
+class MissingSharingPlan(ValueError):
+    """No sharing plan is saved beside the checkpoint, and calibrating one now was not asked for."""
+
+    def __init__(self, folder: Path | None):
+        # --sharing-only: a window plan already beside the checkpoint stays as it is
+        super().__init__(_missing("attention sharing across CFG needs a sharing plan", folder, " --sharing-only"))
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,8 @@ class WindowedAttention:
 class CfgSharing:
     """Options of `cfg_attention_sharing`."""
 
-    scales: tuple[int, ...] | None = None  # None: every scale
-    layers: tuple[int, ...] | None = None  # None: every layer
+    scales: tuple[int, ...] | None = None  # None with layers None: the sharing plan's scope; else every scale
+    layers: tuple[int, ...] | None = None  # None with scales None: the sharing plan's scope; else every layer
     outputs: bool = False  # share attention outputs rather than probabilities
 
 
@@ -107,22 +122,62 @@ def windowed_attention(
     return pipe
 
 
+def saved_sharing_plan(pipe: VARPipeline) -> SharingPlan:
+    """The plan saved beside the checkpoint (`sharing_plan.safetensors`); MissingSharingPlan when there is none."""
+    path = pipe.source / SHARING_PLAN_FILE if pipe.source is not None else None
+    if path is None or not path.is_file():
+        raise MissingSharingPlan(pipe.source)
+    plan = SharingPlan.load(path)
+    plan.check_fits(pipe.config.var.depth, pipe.config.var.patch_nums)
+    return plan
+
+
+def sharing_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[SharingPlan, PlanOrigin]:
+    """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
+    (which must be unmodified); MissingSharingPlan otherwise."""
+    try:
+        return saved_sharing_plan(pipe), PlanOrigin.FILE
+    except MissingSharingPlan:
+        if not calibrate_missing:
+            raise
+    log.warning("no sharing plan beside %s: calibrating one at load (`%s` saves it)", pipe.source, CALIBRATE)
+    return calibrate_sharing(pipe), PlanOrigin.CALIBRATED
+
+
 def cfg_attention_sharing(
     pipe: VARPipeline,
     *,
+    plan: SharingPlan | None = None,
     scales: tuple[int, ...] | None = None,
     layers: tuple[int, ...] | None = None,
     outputs: bool = False,
 ) -> VARPipeline:
     """Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention
-    probabilities (or, with `outputs`, attention outputs) at the given scales and layers (None: all)."""
-    all_scales = range(len(pipe.config.var.patch_nums))
-    share = frozenset(all_scales if scales is None else scales)
-    for layer, blk in enumerate(pipe.var.block_list):
-        if layers is None or layer in layers:
-            kernel = _planned(blk.attn)
-            kernel.share_scales, kernel.share_outputs = share, outputs
+    probabilities (or, with `outputs`, attention outputs) at the (layer, scale) pairs the sharing plan marks,
+    and nowhere else. Without a `plan`, the one saved beside the checkpoint; MissingSharingPlan when there is
+    none. Explicit `scales` or `layers` set the scope instead (the one not given: all) and no plan is read."""
+    if scales is None and layers is None:
+        scope = _planned_scope(pipe, plan or saved_sharing_plan(pipe))
+    else:
+        scope = _explicit_scope(pipe, scales, layers)
+    for blk, shared in zip(pipe.var.block_list, scope, strict=True):
+        kernel = _planned(blk.attn)
+        kernel.share_scales, kernel.share_outputs = shared, outputs
     return pipe
+
+
+def _planned_scope(pipe: VARPipeline, plan: SharingPlan) -> list[frozenset[int]]:
+    """Per layer, the scales the plan shares."""
+    plan.check_fits(pipe.config.var.depth, pipe.config.var.patch_nums)
+    return [plan.scales(layer) for layer in range(plan.depth)]
+
+
+def _explicit_scope(
+    pipe: VARPipeline, scales: tuple[int, ...] | None, layers: tuple[int, ...] | None
+) -> list[frozenset[int]]:
+    """Per layer, the given scales (None: all) in the given layers (None: all), none elsewhere."""
+    shared = frozenset(range(len(pipe.config.var.patch_nums)) if scales is None else scales)
+    return [shared if layers is None or layer in layers else frozenset() for layer in range(pipe.config.var.depth)]
 
 
 def attention_flops(pipe: VARPipeline, batch_size: int) -> int:

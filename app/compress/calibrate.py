@@ -1,12 +1,17 @@
-"""Window calibration: measure where each head's attention goes, then choose its windows (see windows.py)."""
+"""Calibration of the attention passes on the unmodified model: where each head's attention goes (window
+plans, windows.py) and how far the unconditional rows' attention is from the conditional rows' (sharing
+plans, sharing.py). One run of the calibration batches can record both."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
+from app.compress.sharing import SharingPlan, SharingSettings, guidance_ramp, shared_fraction
 from app.compress.windows import DROP, FULL, WindowPlan, WindowSettings, candidates, window
 from app.model.blocks import DenseAttention
 from app.model.kv_cache import ScaleStep, scale_steps
@@ -37,8 +42,11 @@ class AttentionMass:
             self._bands[key] = torch.stack([window(shape, pn_q, pn_k, w) for w in self.widths[b]]).double()
         return self._bands[key]
 
-    def add(self, layer: int, step: ScaleStep, probs: torch.Tensor) -> None:
-        """probs: (rows, heads, N_s, P_s) softmax output of one layer at one scale (all rows, CFG included)."""
+    def add(self, layer: int, step: ScaleStep, probs: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """probs: (rows, heads, N_s, P_s) softmax output of one layer at one scale (all rows, CFG included);
+        `values` are not needed. Scales of the dense prefix are not windowed, so not measured."""
+        if step.si < self.settings.dense_scales:
+            return
         p = probs.double()
         p = p.masked_fill(p < self.settings.prob_floor, 0.0).sum(0)  # (heads, N_s, P_s)
         s = step.si
@@ -70,46 +78,126 @@ class AttentionMass:
         return self.widths[b][int(enough[0])] if len(enough) else FULL
 
 
-class RecordingAttention(DenseAttention):
-    """Dense attention that reports its probabilities at windowed query scales."""
+class CfgAttentionError:
+    """Per (layer, query scale), summed over the calibration batches: the squared change of the unconditional
+    rows' attention output when they use the conditional rows' probabilities, and its squared norm."""
 
-    def __init__(self, layer: int, mass: AttentionMass):
+    def __init__(self, depth: int, patch_nums: tuple[int, ...]):
+        self.patch_nums = tuple(patch_nums)
+        self.moved = torch.zeros(depth, len(patch_nums), dtype=torch.float64)
+        self.norm = torch.zeros(depth, len(patch_nums), dtype=torch.float64)
+
+    def add(self, layer: int, step: ScaleStep, probs: torch.Tensor, values: torch.Tensor) -> None:
+        """probs: (2B, heads, N_s, P_s), values: (2B, heads, P_s, head_dim); rows [B, 2B) unconditional."""
+        if not step.guided:  # no unconditional rows
+            return
+        B = probs.shape[0] // 2
+        v = values[B:].double()
+        own = probs[B:].double() @ v
+        shared = probs[:B].double() @ v
+        self.moved[layer, step.si] += (shared - own).square().sum()
+        self.norm[layer, step.si] += own.square().sum()
+
+    def plan(self, settings: SharingSettings) -> SharingPlan:
+        """Distances: the relative error times the scale's guidance ramp; inf where nothing was measured."""
+        measured = self.norm > 0
+        error = (self.moved / self.norm.clamp_min(1e-300)).sqrt()
+        distances = torch.where(measured, error * guidance_ramp(self.patch_nums), torch.inf)
+        return SharingPlan(self.patch_nums, distances, settings)
+
+
+class Recorder(Protocol):
+    def add(self, layer: int, step: ScaleStep, probs: torch.Tensor, values: torch.Tensor) -> None: ...
+
+
+class RecordingAttention(DenseAttention):
+    """Dense attention that reports every scale's probabilities and values to the recorders. Its output is
+    the dense kernel's own, so what the recorders see does not depend on which of them are listening."""
+
+    def __init__(self, layer: int, recorders: Sequence[Recorder]):
         super().__init__()
-        self.layer, self.mass = layer, mass
+        self.layer, self.recorders = layer, recorders
 
     def forward(self, q, k, v, *, scale: float, attn_bias, step: ScaleStep | None) -> torch.Tensor:
-        if step is None or step.si < self.mass.settings.dense_scales:
-            return super().forward(q, k, v, scale=scale, attn_bias=attn_bias, step=step)
-        probs = (q @ k.transpose(-1, -2)).mul_(scale).softmax(-1)
-        self.mass.add(self.layer, step, probs)
-        return probs @ v
+        if step is not None:
+            probs = (q @ k.transpose(-1, -2)).mul_(scale).softmax(-1)
+            for r in self.recorders:
+                r.add(self.layer, step, probs, v)
+        return super().forward(q, k, v, scale=scale, attn_bias=attn_bias, step=step)
 
 
-def calibration_batches(num_classes: int, settings: WindowSettings) -> list[list[int]]:
+def calibration_batches(num_classes: int, batches: int, batch_size: int) -> list[list[int]]:
     """`batches` batches that together cycle through the classes, so different batches see different classes."""
-    n = settings.batch_size
-    return [[(i * n + j) % num_classes for j in range(n)] for i in range(settings.batches)]
+    n = batch_size
+    return [[(i * n + j) % num_classes for j in range(n)] for i in range(batches)]
 
 
-def calibrate(pipe: VARPipeline, settings: WindowSettings | None = None) -> WindowPlan:
-    """Run the unmodified model on the calibration batches and turn its attention mass into a window plan."""
-    settings = settings or WindowSettings()
-    if settings.dense_scales < 1:
-        raise ValueError("dense_scales must be >= 1: the first scale (the class token) is always kept")
-    cfg = pipe.config.var
-    mass = AttentionMass(cfg.depth, cfg.num_heads, cfg.patch_nums, settings)
+def record(pipe: VARPipeline, recorders: Sequence[Recorder], settings: WindowSettings | SharingSettings) -> None:
+    """Run the unmodified model on the settings' calibration batches, every layer reporting to `recorders`."""
     blocks = pipe.var.block_list
     saved = [blk.attn.kernel for blk in blocks]
     t0 = time.perf_counter()
     try:
         for layer, blk in enumerate(blocks):
-            blk.attn.kernel = RecordingAttention(layer, mass)
-        for i, labels in enumerate(calibration_batches(pipe.num_classes, settings)):
+            blk.attn.kernel = RecordingAttention(layer, recorders)
+        for i, labels in enumerate(calibration_batches(pipe.num_classes, settings.batches, settings.batch_size)):
             seeds = [settings.seed + 1000 * i + j for j in range(len(labels))]
             pipe.generate(labels, seeds=seeds)
     finally:
         for blk, kernel in zip(blocks, saved, strict=True):
             blk.attn.kernel = kernel
-    plan = mass.plan()
-    log.info("calibrated windows in %.1f s: %.1f%% of pairs kept", time.perf_counter() - t0, 100 * plan.kept_fraction())
+    log.info("ran %d calibration batches in %.1f s", settings.batches, time.perf_counter() - t0)
+
+
+def _attention_mass(pipe: VARPipeline, settings: WindowSettings) -> AttentionMass:
+    if settings.dense_scales < 1:
+        raise ValueError("dense_scales must be >= 1: the first scale (the class token) is always kept")
+    cfg = pipe.config.var
+    return AttentionMass(cfg.depth, cfg.num_heads, cfg.patch_nums, settings)
+
+
+def _cfg_error(pipe: VARPipeline) -> CfgAttentionError:
+    return CfgAttentionError(pipe.config.var.depth, pipe.config.var.patch_nums)
+
+
+def _log_windows(plan: WindowPlan) -> WindowPlan:
+    log.info("window plan: %.1f%% of (query, key) pairs kept", 100 * plan.kept_fraction())
     return plan
+
+
+def _log_sharing(plan: SharingPlan) -> SharingPlan:
+    log.info("sharing plan: %.1f%% of (layer, scale) pairs shared", 100 * shared_fraction(plan))
+    return plan
+
+
+def calibrate(pipe: VARPipeline, settings: WindowSettings | None = None) -> WindowPlan:
+    """Run the unmodified model on the calibration batches and turn its attention mass into a window plan."""
+    settings = settings or WindowSettings()
+    mass = _attention_mass(pipe, settings)
+    record(pipe, [mass], settings)
+    return _log_windows(mass.plan())
+
+
+def calibrate_sharing(pipe: VARPipeline, settings: SharingSettings | None = None) -> SharingPlan:
+    """Run the unmodified model on the calibration batches and measure, per (layer, scale), how far the
+    unconditional rows' attention is from the conditional rows' (sharing.py)."""
+    settings = settings or SharingSettings()
+    error = _cfg_error(pipe)
+    record(pipe, [error], settings)
+    return _log_sharing(error.plan(settings))
+
+
+def calibrate_plans(
+    pipe: VARPipeline, windows: WindowSettings, sharing: SharingSettings
+) -> tuple[WindowPlan, SharingPlan]:
+    """Both plans from one run of the calibration batches, which both settings must name alike; the same
+    plans as `calibrate` and `calibrate_sharing` give."""
+    if _batches(windows) != _batches(sharing):
+        raise ValueError(f"one calibration run: batches, batch size and seed must agree, got {windows} and {sharing}")
+    mass, error = _attention_mass(pipe, windows), _cfg_error(pipe)
+    record(pipe, [mass, error], windows)
+    return _log_windows(mass.plan()), _log_sharing(error.plan(sharing))
+
+
+def _batches(settings: WindowSettings | SharingSettings) -> tuple[int, int, int]:
+    return settings.batches, settings.batch_size, settings.seed

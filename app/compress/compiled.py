@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from app.compress.decoder import is_prepacked
 from app.compress.quantize import Int8Linear
 from app.model.pipeline import VARPipeline
 
@@ -116,6 +117,9 @@ def _install(pipe: VARPipeline, compile_step: Callable[[Callable[..., Any]], Cal
         raise ValueError(f"compiling budgets graphs for at most {MAX_SCALES} scales, the model has {scales}")
     configure_dynamo()
     pipe.step_fn = compile_step(pipe.var.step)
-    # the pipeline's hook, not the module: the VQVAE stays as loaded, and a shared one is never a compiled one
-    pipe.decoder_fn = _compile(pipe.vqvae.decoder.forward)
+    # the pipeline's hook, not the module: the VQVAE stays as loaded, and a shared one is never a compiled one.
+    # A decoder bf16_vqvae pre-packed for oneDNN stays eager: its packed weights are opaque to the compiler,
+    # and the eager bf16 decoder measured faster than the compiled one (app/compress/decoder.py).
+    if not is_prepacked(pipe.vqvae.decoder):
+        pipe.decoder_fn = _compile(pipe.vqvae.decoder.forward)
     return pipe

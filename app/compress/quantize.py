@@ -2,26 +2,28 @@
 
 Int8Linear keeps weights as symmetric per-output-channel int8 and quantizes activations per token, so one
 row's result never depends on the other rows of the call (the service promises an image does not depend
-on its batch, bitwise). Two kernels:
-- CPU: fbgemm's dynamic int8 linear on its packed weight (the only copy of the weight kept);
-- CUDA (or a CPU without fbgemm): `torch._int_mm` on an int8 weight tensor.
+on its batch, bitwise). Two kernels, chosen per machine by the table in `app.compress.hardware`:
+- `int_mm`: `torch._int_mm` on an int8 weight tensor (cuBLAS on CUDA, oneDNN's VNNI/AMX GEMM on such CPUs);
+  it traces under torch.compile;
+- `fbgemm`: fbgemm's dynamic int8 linear on its packed weight (the only copy of the weight kept), the fast
+  int8 kernel of AVX2 and AVX-512 CPUs without VNNI; opaque to torch.compile.
+BF16WeightLinear computes in bfloat16 where the table says bfloat16 matmuls are native.
 
 State dicts keep the original keys (`weight` as int8, `bias` float32) plus `weight_scale`.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.compress.hardware import COMPILABLE_INT8, Int8Kernel, bf16_native, fbgemm_blocks, int8_kernel
 from app.compress.int4 import Int4SharedAdaLin, Int4WeightLinear
 from app.model.blocks import SharedAdaLin
 from app.model.pipeline import VARPipeline
@@ -48,16 +50,15 @@ DEFAULT_INT8 = ("attn.mat_qkv", "attn.proj", "ffn.fc1", "head")
 DEFAULT_BF16 = ("ffn.fc2",)
 
 _TINY = torch.finfo(torch.float32).tiny
-_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM in torch._int_mm needs more than 16 rows
+_CUBLAS_INT_MM_MIN_ROWS = 17  # cuBLAS's int8 GEMM in torch._int_mm needs more than 16 rows (the CPU's does not)
 
-Kernel = Literal["fbgemm", "int_mm"]
+Kernel = Int8Kernel
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are native (CUDA, AVX512-BF16 or AMX); elsewhere they are emulated, ~7x slower."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether bfloat16 matmuls are native on `device` (the hardware table: CUDA, AVX512-BF16, AMX); elsewhere
+    they are emulated, ~7x slower than float32."""
+    return bf16_native(device)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,24 +71,21 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float times the int8 weight (N, K) -> (M, N) float32, with per-token int8 activations.
 
-    The int32 accumulation is exact and the dequantization elementwise, so each row is batch-invariant.
+    The int32 accumulation is exact (any summation order gives the same sums) and the dequantization
+    elementwise, so each row is batch-invariant.
     """
     M, K = x.shape
     N = weight.shape[0]
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(_TINY) / 127
     xq = torch.round(x / x_scale).clamp_(-127, 127).to(torch.int8)
-    # torch._int_mm on CUDA: M > 16, K and N multiples of 8; zero padding adds nothing to any sum
-    xq = F.pad(xq, (0, -K % 8, 0, max(_INT_MM_MIN_ROWS - M, 0)))
-    if K % 8 or N % 8:
-        weight = F.pad(weight, (0, -K % 8, 0, -N % 8))
+    if x.device.type != "cpu":
+        # cuBLAS: M > 16, K and N multiples of 8; zero padding adds nothing to any sum. The CPU kernel takes any
+        # shape, and padding there would cost a copy of the activations per call.
+        xq = F.pad(xq, (0, -K % 8, 0, max(_CUBLAS_INT_MM_MIN_ROWS - M, 0)))
+        if K % 8 or N % 8:
+            weight = F.pad(weight, (0, -K % 8, 0, -N % 8))
     acc = torch._int_mm(xq, weight.t())[:M, :N]
     return acc.float().mul_(x_scale * weight_scale)
-
-
-def default_kernel(device: torch.device) -> Kernel:
-    """fbgemm on CPU (the x86 engine packs linear weights with fbgemm too), torch._int_mm elsewhere."""
-    fbgemm = device.type == "cpu" and torch.backends.quantized.engine in ("fbgemm", "x86")
-    return "fbgemm" if fbgemm else "int_mm"
 
 
 def _prepack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
@@ -100,31 +98,12 @@ def _prepack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qweight, None)
 
 
-# fbgemm's cache blocks (KCB, NCB) of an int8 weight per instruction set (its PackingTraits-inl.h): the packed
-# weight is padded to whole blocks, K to a multiple of KCB and N to one of NCB. At the demo model's 256 input
-# features that doubles the int8 bytes; at d16's 1024 it adds a few percent.
-FBGEMM_BLOCKS = {"avx512_vnni": (512, 48), "avx512": (256, 32), "avx2": (512, 8)}
-AVX512 = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})  # what fbgemm's AVX-512 kernels need
-
-
-@functools.cache
-def fbgemm_blocks() -> tuple[int, int]:
-    """(KCB, NCB) of the instruction set fbgemm picks on this CPU (read from /proc/cpuinfo; AVX2 elsewhere)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().partition("flags")[2].partition("\n")[0].split())
-    except OSError:
-        flags = set()
-    if flags >= AVX512:
-        return FBGEMM_BLOCKS["avx512_vnni" if "avx512_vnni" in flags else "avx512"]
-    return FBGEMM_BLOCKS["avx2"]
-
-
 class Int8Linear(nn.Module):
     """W8A8 linear: int8 weights (per output channel), int8 activations (per token), float32 bias and output.
 
     `forward(x, bias)` takes an optional per-call bias in place of its own, as QKVLinear does. The kernel
-    is fixed at construction, by default from the weight's device (`default_kernel`): quantize after moving
-    the pipeline. `kernel="int_mm"` on CPU runs the CUDA kernel's arithmetic (slowly), for tests.
+    is fixed at construction, by default the hardware table's for the weight's device (`int8_kernel`):
+    quantize after moving the pipeline. Either kernel runs on any x86 CPU, at the table's speed or slowly.
     """
 
     weight: torch.Tensor  # int8 (out, in): a buffer on the _int_mm path, unpacked on demand with fbgemm
@@ -140,7 +119,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._packed: Any = None
-        kernel = kernel or default_kernel(weight.device)
+        kernel = kernel or int8_kernel(weight.device)
         if kernel == "fbgemm" and weight.device.type != "cpu":
             raise ValueError(f"the fbgemm kernel runs on CPU, the weight is on {weight.device}")
         if kernel == "fbgemm":
@@ -227,28 +206,32 @@ class Int8Linear(nn.Module):
         else:
             self._packed = _prepack(w, self.weight_scale)
 
+    @property
+    def kernel(self) -> Kernel:
+        return "fbgemm" if self._packed is not None else "int_mm"
+
     def extra_repr(self) -> str:
-        kernel = "fbgemm" if self._packed is not None else "int_mm"
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
 class BF16WeightLinear(nn.Module):
     """Linear with its weight stored in bfloat16 (half the bytes); float32 bias and output.
 
-    Computed in bfloat16 where that is native (CUDA, AVX512-BF16, AMX), else in float32 from the weight upcast
-    per call: emulated bfloat16 matmuls are ~7x slower than float32 on AVX2.
+    Computed in bfloat16 where the hardware table says that is native (CUDA, AVX512-BF16, AMX), else in float32
+    from the weight upcast per call: emulated bfloat16 matmuls are ~7x slower than float32 on AVX2. `native`
+    overrides the table (tests, the kernel benchmark).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.native = native_bf16(weight.device)
+        self.native = bf16_native(weight.device) if native is None else native
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> BF16WeightLinear:
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, native: bool | None = None) -> BF16WeightLinear:
+        return cls(linear.weight, linear.bias, native)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.bias if bias is None else bias
@@ -294,11 +277,26 @@ def _replacement(linear: nn.Linear, precision: str) -> nn.Module:
 
 @dataclass(frozen=True)
 class MixedPrecision:
-    """Options of `quantize_linears`: the layer types (LAYER_TYPES) stored at each precision."""
+    """Options of `quantize_linears`: the layer types (LAYER_TYPES) stored at each precision, and whether only
+    the precisions a compiled step runs fast are applied."""
 
     int8: tuple[str, ...] = DEFAULT_INT8
     bf16: tuple[str, ...] = DEFAULT_BF16
     int4: tuple[str, ...] = DEFAULT_INT4
+    compilable: bool = False
+
+
+def compilable_precisions(device: torch.device) -> set[str]:
+    """The precisions whose layers a compiled step runs faster than float32 on `device`, by the hardware table:
+    int8 where its kernel traces (torch._int_mm: VNNI, AMX, CUDA; fbgemm would split the graph at every layer),
+    bf16 where bfloat16 matmuls are native (upcasting its weights at every call only adds work to float32);
+    int4 always, since its layers (AdaLN) run once per generation, outside the step."""
+    kept = {"int4"}
+    if int8_kernel(device) in COMPILABLE_INT8:
+        kept.add("int8")
+    if bf16_native(device):
+        kept.add("bf16")
+    return kept
 
 
 @torch.no_grad()
@@ -308,14 +306,21 @@ def quantize_linears(
     int8: str | Iterable[str] = DEFAULT_INT8,
     bf16: str | Iterable[str] = DEFAULT_BF16,
     int4: str | Iterable[str] = DEFAULT_INT4,
+    compilable: bool = False,
 ) -> VARPipeline:
     """LiteVAR mixed precision: W8A8 int8 for the `int8` layer types, bfloat16-stored weights for `bf16`,
     int4 weights for `int4` (layers that run once per generation).
 
     Patterns match the end of a module name in `pipe.var` (see LAYER_TYPES); run after moving the pipeline
-    to its device.
+    to its device. `compilable`: for a pipeline whose step is compiled next, a precision is applied only where
+    `compilable_precisions` keeps it; its layers stay float32 elsewhere. On an AVX2 CPU that leaves the int8
+    and bf16 layers float32: its fast int8 kernel (fbgemm) cannot be traced, and torch._int_mm, which can, is a
+    slow fallback there; so a compiled pipeline there is never slower than the float one.
     """
     plans = {"int8": _as_patterns(int8), "bf16": _as_patterns(bf16), "int4": _as_patterns(int4)}
+    if compilable:
+        kept = compilable_precisions(pipe.device)
+        plans = {p: patterns if p in kept else () for p, patterns in plans.items()}
     targets: list[tuple[str, str]] = []
     for name, module in pipe.var.named_modules():
         if not isinstance(module, nn.Linear):
@@ -333,26 +338,23 @@ def quantize_linears(
     return pipe
 
 
-class BF16WeightConv2d(nn.Conv2d):
-    """Conv2d whose weight is stored in bfloat16: computed in the input's dtype, or in autocast's dtype."""
+def _kernel_of(module: nn.Module, autocast: torch.dtype | None) -> str:
+    if isinstance(module, Int8Linear):
+        return f"int8/{module.kernel}"
+    if isinstance(module, BF16WeightLinear):
+        return "bf16/native" if module.native else "bf16/float32"  # float32: the weight upcast per call
+    if isinstance(module, Int4WeightLinear):
+        return "int4/float32"  # unpacked to float32 per call
+    return "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')}/autocast"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
 
-
-@torch.no_grad()
-def bf16_vqvae(pipe: VARPipeline) -> VARPipeline:
-    """VQVAE convolution weights stored in bfloat16 (the encoder's too: generation never runs it); the
-    decoder computes in bfloat16 only where that is native.
-
-    On CPUs without native bfloat16 (AVX2) the weights are upcast per call and the decoder runs in float32.
-    """
-    for conv in pipe.vqvae.modules():
-        if type(conv) is nn.Conv2d:
-            conv.__class__ = BF16WeightConv2d  # same parameters and state-dict keys, only the forward differs
-            conv.weight = nn.Parameter(conv.weight.to(torch.bfloat16), requires_grad=False)
-    if native_bf16(pipe.device):
-        pipe.decode_dtype = torch.bfloat16
-    return pipe
+def layer_kernels(pipe: VARPipeline) -> dict[str, str]:
+    """Per layer type (LAYER_TYPES) present in the transformer, the kernel its installed modules run, e.g.
+    {"attn.mat_qkv": "int8/int_mm", "ffn.fc2": "bf16/native", "word_embed": "float32"}; read from the modules
+    themselves, so it reports what a variant really installed (several kernels: joined by "+")."""
+    found: dict[str, set[str]] = {}
+    for name, module in pipe.var.named_modules():
+        layer_type = next((t for t in LAYER_TYPES if _matches(name, (t,))), None)
+        if layer_type is not None:
+            found.setdefault(layer_type, set()).add(_kernel_of(module, pipe.autocast_dtype))
+    return {t: "+".join(sorted(found[t])) for t in LAYER_TYPES if t in found}

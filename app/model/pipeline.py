@@ -130,8 +130,9 @@ class VARPipeline:
         return Generation(images, tokens, f_hat, row_seeds, cache_bytes)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """f_hat -> images in [0, 1] (float32)."""
-        if self.decode_dtype is None:
+        """f_hat -> images in [0, 1] (float32). Autocast only for a decoder whose weights are not already in
+        `decode_dtype` (a decoder stored in it runs in it end to end, without autocast's per-op casts)."""
+        if self.decode_dtype in (None, self.vqvae.decoder.dtype):
             return self.vqvae.fhat_to_img(f_hat, self.decoder_fn).add_(1).mul_(0.5)
         with torch.autocast(self.device.type, dtype=self.decode_dtype):
             img = self.vqvae.fhat_to_img(f_hat, self.decoder_fn)

@@ -151,11 +151,18 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, 1, 1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the decoder computes in: that of its parameters (read off a normalisation layer, whose
+        parameters every form of the decoder keeps as plain tensors)."""
+        return self.norm_out.weight.dtype
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        """Image (float32) of the latent, computed in the decoder's dtype."""
+        h = self.mid(self.conv_in(z.to(self.dtype)))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).float()
 
 
 class VQVAE(nn.Module):
@@ -186,11 +193,22 @@ class VQVAE(nn.Module):
         return self.quantize.f_to_idxBl(self.img_to_f(img_BCHW))
 
     def fhat_to_img(
-        self, f_hat_BChw: torch.Tensor, decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        f_hat_BChw: torch.Tensor,
+        decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        per_image: bool = True,
     ) -> torch.Tensor:
-        """Decoded images clamped to [-1, 1]; `decoder` runs in place of `self.decoder` (a compiled form)."""
+        """Decoded images (float32) clamped to [-1, 1]; `decoder` runs in place of `self.decoder` (a compiled
+        form). `per_image`: one image at a time on CPU (`per_sample`), which keeps an image independent of its
+        batch, bitwise; False: the whole batch in one call, faster on CPU but not batch-invariant (measured in
+        app/compress/decoder.py, which also says why the service keeps the default)."""
         decode = self.decoder if decoder is None else decoder
-        img = per_sample(lambda f: decode(self.post_quant_conv(f)), f_hat_BChw)
+
+        def post_quant_and_decode(f: torch.Tensor) -> torch.Tensor:
+            return decode(self.post_quant_conv(f))
+
+        img = per_sample(post_quant_and_decode, f_hat_BChw) if per_image else post_quant_and_decode(f_hat_BChw)
         return img.contiguous().clamp_(-1, 1)
 
     def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor:

@@ -1,1 +1,2 @@
-"""Image-quality measurement: a feature network (the demo classifier by default) and the metrics on its features."""
+"""Image-quality measurement: feature networks (the demo classifier and the mixer by default), the metrics on
+their features, their uncertainty and the verdicts against the baseline."""

@@ -1,18 +1,24 @@
-"""The demo classifier: a small CNN over 32x32 grayscale images in [-1, 1] (the demo model's output format).
+"""Classifiers that judge generated images: 32x32 grayscale images in [-1, 1] (the demo model's output format).
 
-It judges generated images twice: its prediction gives class accuracy (does the image show the class that
-was asked for?) and its 128-d penultimate activations are the feature space of FID, precision and recall.
+A classifier judges images twice: its prediction gives class accuracy (does the image show the class that
+was asked for?) and its penultimate activations are the feature space of FID, KID, precision and recall.
+Two kinds, so that two independent feature spaces can be asked: the demo classifier (`cnn`, below) and an
+MLP-Mixer (`mixer`, app/quality/mixer.py). A folder's config.json names its kind; none named is the CNN.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from app.model.checkpoint import check_state_dict, read_state_dict
+from app.model.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from app.model.checksums import SUMS_FILE, sums_mismatches, write_sums
+from app.quality.mixer import MixerClassifier
 
 
 def _conv(cin: int, cout: int) -> list[nn.Module]:
@@ -20,6 +26,8 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 
 
 class FashionClassifier(nn.Module):
+    architecture = "cnn"
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128):
         super().__init__()
         self.in_channels, self.num_classes, self.feature_dim = in_channels, num_classes, feature_dim
@@ -41,23 +49,43 @@ class FashionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
 
-    def config(self) -> dict[str, int]:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "feature_dim": self.feature_dim}
+    def config(self) -> dict[str, int | str]:
+        return {
+            "architecture": self.architecture,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "feature_dim": self.feature_dim,
+        }
 
 
-def save_classifier(model: FashionClassifier, folder: Path, card: dict) -> None:
+Classifier = FashionClassifier | MixerClassifier
+ARCHITECTURES: dict[str, type[Classifier]] = {"cnn": FashionClassifier, "mixer": MixerClassifier}
+
+
+def build_classifier(config: dict[str, Any]) -> Classifier:
+    """The classifier a config.json describes (its card's keys, such as `test_accuracy`, are left aside)."""
+    cls = ARCHITECTURES[config.get("architecture", "cnn")]
+    arguments = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in config.items() if k in arguments})
+
+
+def save_classifier(model: Classifier, folder: Path, card: dict) -> None:
+    """config.json (shape and card), classifier.safetensors and the SHA256SUMS of both."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**model.config(), **card}, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "classifier.safetensors"))
+    write_sums(folder)
 
 
-def load_classifier(folder: str | Path) -> FashionClassifier:
-    """Strict load (safetensors): a wrong file gets the list of differing keys."""
+def load_classifier(folder: str | Path) -> Classifier:
+    """Strict load (safetensors) of a folder that matches its SHA256SUMS: a wrong file gets the list of
+    differing keys, a changed one the name of the file."""
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    model = FashionClassifier(cfg["in_channels"], cfg["num_classes"], cfg["feature_dim"])
+    if problems := sums_mismatches(folder):
+        raise CheckpointError(f"{folder} does not match its {SUMS_FILE}:\n  " + "\n  ".join(problems))
+    model = build_classifier(json.loads((folder / "config.json").read_text()))
     sd = read_state_dict(folder / "classifier.safetensors")
     check_state_dict(model, sd, part="classifier", preset=folder.name)
     model.load_state_dict(sd)
@@ -65,7 +93,7 @@ def load_classifier(folder: str | Path) -> FashionClassifier:
 
 
 @torch.no_grad()
-def predict(model: FashionClassifier, images: torch.Tensor, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: Classifier, images: torch.Tensor, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted classes (N,) and features (N, D) of images in [-1, 1]."""
     preds, feats = [], []
     for i in range(0, images.shape[0], chunk):

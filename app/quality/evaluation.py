@@ -1,12 +1,15 @@
-"""Quality of a generator variant: class accuracy, FID, precision/recall and greedy-token agreement.
+"""Quality of a generator variant: class accuracy, FID, KID, precision/recall and greedy-token agreement.
 
 Every variant sees the same (class, seed) list, so differences between variants are the variants' own; a
 second seed list for the baseline gives the noise floor (how much the numbers move from sampling alone).
+Images are judged in one or more feature spaces (judges): a variant that looks free in one network's features
+can cost quality in another's, so a variant passes as free only when every space finds it so.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,9 +18,10 @@ import torch
 
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
+from app.quality.bootstrap import bootstrap_interval, resample_indices
 from app.quality.classifier import load_classifier, predict
 from app.quality.fashion_mnist import load_split
-from app.quality.metrics import fid, precision_recall
+from app.quality.metrics import Gaussian, kid, precision_recall
 
 NOISE_FLOOR_SEED_OFFSET = 1_000_000  # the second seed list: far from the first, same classes
 
@@ -85,15 +89,70 @@ def generate_all(
     return torch.cat(images), time.perf_counter() - t0
 
 
-def image_metrics(
-    images01: torch.Tensor, labels: list[int], features: FeatureNetwork, reference_feats: torch.Tensor
-) -> dict[str, float | None]:
-    preds, feats = features(images01.mul(2).sub(1))
+@dataclass(frozen=True)
+class Uncertainty:
+    """How the metrics' uncertainty is estimated: bootstrap resamples of the generated images (0: none) for
+    class accuracy and FID, and random subsets for KID."""
+
+    resamples: int = 200
+    level: float = 0.95
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+
+
+def bootstrap_metrics(
+    correct: torch.Tensor | None, feats: torch.Tensor, reference: Gaussian, fid: float, u: Uncertainty
+) -> dict[str, list[float] | None]:
+    """Intervals of class accuracy (`correct`: 1 where the prediction is the requested class) and FID."""
+    if u.resamples == 0:
+        return {"class_accuracy_ci": None, "fid_ci": None}
+    rows = resample_indices(feats.shape[0], u.resamples, u.seed)
+    accuracy_ci = None
+    if correct is not None:
+        accuracy_ci = list(bootstrap_interval(lambda r: float(correct[r].mean()), rows, float(correct.mean()), u.level))
+    low, high = bootstrap_interval(lambda r: reference.fid(feats[r]), rows, fid, u.level)
+    # moving the interval back by the bias can cross 0 for a handful of images; FID is a squared distance
+    return {"class_accuracy_ci": accuracy_ci, "fid_ci": [max(low, 0.0), high]}
+
+
+def space_metrics(
+    preds: torch.Tensor | None,
+    feats: torch.Tensor,
+    labels: list[int],
+    reference_feats: torch.Tensor,
+    u: Uncertainty = Uncertainty(),
+) -> dict[str, Any]:
+    """Every metric of one feature space: class accuracy, FID (with intervals), KID (with its standard
+    error), precision and recall."""
+    correct = None if preds is None else (preds == torch.tensor(labels)).double()
+    reference = Gaussian.of(reference_feats)
+    fid = reference.fid(feats)
+    # the prompts hold the same number of images per class: KID weights the class pairs accordingly
+    kid_value, kid_se = kid(feats, reference_feats, u.kid_subsets, u.kid_subset_size, u.seed, torch.tensor(labels))
     # the k-NN manifolds compare sets of equal size: a fixed random subset of the reference
     pick = torch.randperm(reference_feats.shape[0], generator=torch.Generator().manual_seed(0))[: feats.shape[0]]
     precision, recall = precision_recall(reference_feats[pick], feats)
-    accuracy = None if preds is None else float((preds == torch.tensor(labels)).float().mean())
-    return {"class_accuracy": accuracy, "fid": fid(feats, reference_feats), "precision": precision, "recall": recall}
+    return {
+        "class_accuracy": None if correct is None else float(correct.mean()),
+        "fid": fid,
+        "kid": kid_value,
+        "kid_se": kid_se,
+        "precision": precision,
+        "recall": recall,
+    } | bootstrap_metrics(correct, feats, reference, fid, u)
+
+
+def image_metrics(
+    images01: torch.Tensor,
+    labels: list[int],
+    features: FeatureNetwork,
+    reference_feats: torch.Tensor,
+    u: Uncertainty = Uncertainty(),
+) -> dict[str, Any]:
+    """The metrics of images in [0, 1] in the feature space of `features`."""
+    preds, feats = features(images01.mul(2).sub(1))
+    return space_metrics(preds, feats, labels, reference_feats, u)
 
 
 def greedy_agreement(
@@ -122,17 +181,36 @@ def load_reference(path: Path, split: str = "test") -> torch.Tensor:
     return images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
 
 
+def space_name(features: Path) -> str:
+    """A feature space is named after its network: the classifier folder's or the program file's name."""
+    return features.name if features.is_dir() else features.stem
+
+
 @dataclass(frozen=True)
 class Judge:
-    """What every variant of one evaluation is judged with: the feature network and the reference's features."""
+    """What every variant of one evaluation is judged with in one feature space: the network, the reference's
+    features and the space's name (the key of the space's metrics in the records)."""
 
     features: FeatureNetwork
     reference_feats: torch.Tensor
+    name: str = "features"
 
     @staticmethod
     def open(features: Path, reference: Path, split: str = "test") -> Judge:
-        network = open_feature_network(features)
-        return Judge(network, network(load_reference(reference, split))[1])
+        return open_judges([features], reference, split)[0]
+
+
+def open_judges(features: Sequence[Path], reference: Path, split: str = "test") -> list[Judge]:
+    """One judge per feature network, all against the same reference images (read once)."""
+    names = [space_name(f) for f in features]
+    if len(set(names)) != len(names):
+        raise ValueError(f"feature networks need distinct names, got {names}")
+    images = load_reference(reference, split)
+    judges = []
+    for path, name in zip(features, names, strict=True):
+        network = open_feature_network(path)
+        judges.append(Judge(network, network(images)[1], name))
+    return judges
 
 
 @dataclass(frozen=True)
@@ -144,12 +222,26 @@ class EvalRun:
     label: str
 
 
+FIRST_SPACE_FIELDS = ("class_accuracy", "fid", "precision", "recall")  # also at the record's top level
+
+
 def evaluate_variant(
-    name: str, pipe: VARPipeline, prompts: Prompts, run: EvalRun, judge: Judge, seed_set: str
+    name: str,
+    pipe: VARPipeline,
+    prompts: Prompts,
+    run: EvalRun,
+    judges: Judge | Sequence[Judge],
+    seed_set: str,
+    uncertainty: Uncertainty = Uncertainty(),
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The variant's record (metrics, speed) on `prompts`, and its images in [0, 1]."""
+    """The variant's record (metrics per feature space, speed) on `prompts`, and its images in [0, 1].
+
+    `spaces` holds each judge's metrics under its name; the first judge's class accuracy, FID, precision and
+    recall are also top-level fields, as records had them before there were several spaces."""
+    judges = [judges] if isinstance(judges, Judge) else list(judges)  # one judge: the sensitivity study's
     images, seconds = generate_all(pipe, prompts, run.params, run.batch_size)
     record: dict[str, Any] = {"model": run.label, "variant": name, "seed_set": seed_set, "images": len(prompts.labels)}
-    record |= image_metrics(images, prompts.labels, judge.features, judge.reference_feats)
+    spaces = {j.name: image_metrics(images, prompts.labels, j.features, j.reference_feats, uncertainty) for j in judges}
+    record |= {k: spaces[judges[0].name][k] for k in FIRST_SPACE_FIELDS} | {"spaces": spaces}
     record |= {"seconds": round(seconds, 2), "images_per_second": round(len(prompts.labels) / seconds, 2)}
     return record, images

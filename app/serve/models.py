@@ -2,8 +2,8 @@
 
 Each variant gets its own copy of the transformer (passes rewrite it); the VQVAE is shared by every
 variant whose passes left its modules, its tensors and the pipeline's decoder hook unchanged. Memory is
-accounted per variant. Variants with windowed attention share one window plan: the checkpoint's, or one
-calibrated at load when asked for.
+accounted per variant. Variants with windowed attention share one window plan, and variants sharing
+attention across CFG one sharing plan: the checkpoint's, or one calibrated at load when asked for.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.compress import WINDOWED_ATTENTION, apply_variant, variant_spec
-from app.compress.attention_passes import PlanOrigin, window_plan
-from app.compress.registry import VariantSpec
+from app.compress import CFG_ATTENTION_SHARING, WINDOWED_ATTENTION, apply_variant, variant_spec
+from app.compress.attention_passes import PlanOrigin, sharing_plan, window_plan
+from app.compress.registry import PassSpec, VariantSpec
+from app.compress.sharing import SharingPlan
 from app.compress.windows import WindowPlan
 from app.model.checkpoint import load_folder
 from app.model.config import PipelineConfig
@@ -35,6 +36,7 @@ class ServedVariant:
     weight_bytes: int  # held for this variant alone
     shares_vqvae: bool
     window_plan: PlanOrigin | None  # where its window plan came from; None without windowed attention
+    sharing_plan: PlanOrigin | None  # where its sharing plan came from; None without sharing across CFG
 
 
 @dataclass
@@ -76,41 +78,60 @@ def load_model(
     folder: Path, variant_names: Sequence[str], device: torch.device, *, calibrate_missing_plans: bool = False
 ) -> ServedModel:
     """Every variant of `variant_names` from one load of `folder`. Windowed variants need the folder's window
-    plan; without one, loading refuses (MissingWindowPlan names the command that saves one) unless
+    plan, variants sharing attention across CFG its sharing plan; without one, loading refuses
+    (MissingWindowPlan, MissingSharingPlan: each names the command that saves one) unless
     `calibrate_missing_plans`, which calibrates one plan for them all on the unmodified model."""
     base = load_folder(folder).to(device)
     model = ServedModel(folder, base.config, device)
-    plan, origin = _shared_window_plan(base, variant_names, calibrate_missing_plans)
+    plans = _Plans.find(base, variant_names, calibrate_missing_plans)
     if len(variant_names) == 1:  # nothing to share: transform the loaded pipeline itself
         name = variant_names[0]
-        pipe = apply_variant(name, base, window_plan=plan)
-        model.variants[name] = _served(name, pipe, module_bytes(pipe.var, pipe.vqvae), False, origin)
+        pipe = plans.apply(name, base)
+        model.variants[name] = plans.served(name, pipe, module_bytes(pipe.var, pipe.vqvae), False)
         return model
     shared = False
     for name in variant_names:
-        pipe = apply_variant(name, copy.deepcopy(base), window_plan=plan)
+        pipe = plans.apply(name, copy.deepcopy(base))
         shares = vqvae_shareable(pipe, base)
         if shares:
             pipe.vqvae, pipe.decoder_fn = base.vqvae, base.decoder_fn  # the copy is dropped
             shared = True
         own = module_bytes(pipe.var) if shares else module_bytes(pipe.var, pipe.vqvae)
-        model.variants[name] = _served(name, pipe, own, shares, origin)
+        model.variants[name] = plans.served(name, pipe, own, shares)
     model.shared_bytes = module_bytes(base.vqvae) if shared else 0
     return model
 
 
-def _shared_window_plan(
-    base: VARPipeline, variant_names: Sequence[str], calibrate_missing: bool
-) -> tuple[WindowPlan | None, PlanOrigin | None]:
-    """The window plan of the windowed variants, found (or calibrated) once before any pass runs."""
-    if not any(variant_spec(name).uses(WINDOWED_ATTENTION) for name in variant_names):
-        return None, None
-    return window_plan(base, calibrate_missing=calibrate_missing)
+@dataclass
+class _Plans:
+    """The window and sharing plans of the variants, found (or calibrated) once before any pass runs."""
+
+    windows: WindowPlan | None = None
+    windows_origin: PlanOrigin | None = None
+    sharing: SharingPlan | None = None
+    sharing_origin: PlanOrigin | None = None
+
+    @classmethod
+    def find(cls, base: VARPipeline, variant_names: Sequence[str], calibrate_missing: bool) -> _Plans:
+        plans = cls()
+        if _any_uses(variant_names, WINDOWED_ATTENTION):
+            plans.windows, plans.windows_origin = window_plan(base, calibrate_missing=calibrate_missing)
+        if _any_uses(variant_names, CFG_ATTENTION_SHARING):
+            plans.sharing, plans.sharing_origin = sharing_plan(base, calibrate_missing=calibrate_missing)
+        return plans
+
+    def apply(self, name: str, pipe: VARPipeline) -> VARPipeline:
+        return apply_variant(name, pipe, window_plan=self.windows, sharing_plan=self.sharing)
+
+    def served(self, name: str, pipe: VARPipeline, weight_bytes: int, shares: bool) -> ServedVariant:
+        spec = variant_spec(name)
+        windows = self.windows_origin if spec.uses(WINDOWED_ATTENTION) else None
+        sharing = self.sharing_origin if spec.uses(CFG_ATTENTION_SHARING) else None
+        return ServedVariant(name, spec, pipe, weight_bytes, shares, windows, sharing)
 
 
-def _served(name: str, pipe: VARPipeline, weight_bytes: int, shares: bool, origin: PlanOrigin | None) -> ServedVariant:
-    spec = variant_spec(name)
-    return ServedVariant(name, spec, pipe, weight_bytes, shares, origin if spec.uses(WINDOWED_ATTENTION) else None)
+def _any_uses(variant_names: Sequence[str], spec: PassSpec) -> bool:
+    return any(variant_spec(name).uses(spec) for name in variant_names)
 
 
 def vqvae_shareable(pipe: VARPipeline, base: VARPipeline) -> bool:

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from enum import StrEnum
 from typing import Any
 
 import torch
 
+from app.compress.hardware import ISA_ENV
 from app.serve.batching import NotAccepting, Rejection
 from app.serve.encoding import MEDIA_TYPES
 from app.serve.engine import UNHEALTHY_RETRY_AFTER_S, Engine
@@ -71,6 +73,8 @@ class Service:
         s = self.settings
         try:
             torch.set_num_threads(compute_threads(s.torch_threads, torch.get_num_threads()))
+            if s.cpu_isa:  # the kernel table reads it from the environment (app/compress/hardware.py)
+                os.environ[ISA_ENV] = s.cpu_isa
             t0 = time.monotonic()
             device = resolve_device(s.device)
             self.model = model = await asyncio.to_thread(
@@ -128,6 +132,7 @@ class Service:
                 "passes": passes,
                 "shares_vqvae": str(v.shares_vqvae).lower(),
                 "window_plan": v.window_plan or "none",
+                "sharing_plan": v.sharing_plan or "none",
             }
             m.variant_info.labels(name).info(info)
             m.weight_bytes.labels(name).set(v.weight_bytes)
@@ -215,7 +220,8 @@ class Service:
 
 
 def _variant(v: ServedVariant) -> dict[str, Any]:
-    """A variant in GET /models: what it is for, its passes, its memory, where its window plan came from."""
+    """A variant in GET /models: what it is for, its passes, its memory, where its window and sharing plans
+    came from."""
     return {
         "name": v.name,
         "purpose": v.spec.purpose,
@@ -223,4 +229,5 @@ def _variant(v: ServedVariant) -> dict[str, Any]:
         "weight_bytes": v.weight_bytes,
         "shares_vqvae": v.shares_vqvae,
         "window_plan": v.window_plan,
+        "sharing_plan": v.sharing_plan,
     }

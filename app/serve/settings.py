@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.compress import VARIANTS
+from app.compress.hardware import LEVELS
 
 ENV_PREFIX = "VAR_"
 MIN_API_KEY_CHARS = 16
@@ -36,6 +37,11 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="CPU threads for torch (0: torch's default less one, at least 1; the spare core serves HTTP "
         "and encodes)",
+    )
+    cpu_isa: str = Field(
+        default="",
+        description="force the CPU's ISA level the kernels are chosen for (generic, avx2, avx512, avx512_vnni, "
+        "avx512_bf16, amx; empty: the CPU's own)",
     )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="most images computed in one batch")
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait of the oldest image for a fuller batch")
@@ -138,6 +144,8 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"variants must be a non-empty list from {sorted(VARIANTS)}, got {self.variants}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants are listed twice: {self.variants}")
+        if self.cpu_isa and self.cpu_isa not in LEVELS:
+            raise ValueError(f"cpu_isa must be one of {', '.join(LEVELS)} or empty, got {self.cpu_isa!r}")
         if not self.default_variant:
             self.default_variant = self.variants[0]
         if self.default_variant not in self.variants:

@@ -1,4 +1,5 @@
-"""Training of the demo classifier (app.quality.classifier) on the Fashion-MNIST train split.
+"""Training of a judging classifier (app.quality.classifier: the demo CNN or the mixer) on the Fashion-MNIST
+train split.
 
 Augmentation: random horizontal flips and shifts of up to 2 pixels (both keep the class). The test split is
 only used to report accuracy at the end, never to choose anything.
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from app.quality.classifier import FashionClassifier, predict
+from app.quality.classifier import Classifier, predict
 from app.quality.fashion_mnist import Split
 from app.train.loop import Checkpoints, Progress, batch_indices, lr_at, set_lr
 
@@ -39,13 +40,13 @@ def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tens
     return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
 
 
-def accuracy(model: FashionClassifier, data: Split) -> float:
+def accuracy(model: Classifier, data: Split) -> float:
     model.eval()
     preds, _ = predict(model, data.images)
     return float((preds == data.labels).float().mean())
 
 
-def train_classifier(model: FashionClassifier, data: Split, work: Path, t: ClassifierTraining) -> FashionClassifier:
+def train_classifier(model: Classifier, data: Split, work: Path, t: ClassifierTraining) -> Classifier:
     work.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps = t.epochs * (len(data) // t.batch_size)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from app.bench.official import official_runner
+from app.bench.official import official_runner, official_runners
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
 from tests.conftest import TINY
@@ -20,6 +21,7 @@ from app.model.config import config_from_official
 from app.model.pipeline import VARPipeline
 
 CALLS = []
+BUILDS = []
 
 def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, Cvae=32, ch=160, share_quant_resi=4,
                   num_classes=1000, depth=16, shared_aln=False, attn_l2_norm=True, flash_if_available=True,
@@ -27,12 +29,14 @@ def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, 
     kw = dict(V=V, Cvae=Cvae, ch=ch, share_quant_resi=share_quant_resi, patch_nums=list(patch_nums),
               num_classes=num_classes, depth=depth, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm)
     cfg = config_from_official({"build_vae_var_kwargs": kw})
+    BUILDS.append(cfg)
     var, vae = build_models(cfg)
     pipe = VARPipeline(cfg, var, vae)
 
     def autoregressive_infer_cfg(B, label_B, g_seed, cfg, top_k, top_p, more_smooth):
         images = pipe.generate(label_B, pipe_params(cfg, top_k, top_p, more_smooth), shared_seed=g_seed).images
-        CALLS.append((B, label_B.tolist(), g_seed, images))
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        CALLS.append((B, label_B.tolist(), g_seed, images, autocast))
         return images
 
     var.autoregressive_infer_cfg = autoregressive_infer_cfg
@@ -59,3 +63,30 @@ def test_official_runner_builds_from_the_config_and_runs_on_our_weights(tmp_path
     # the stand-in was built with random weights: equal images prove the runner loaded ours into it
     ours = base.generate([207, 980], SamplingParams(cfg=1.5, top_k=900, top_p=0.96), shared_seed=42)
     assert torch.equal(calls[0][3], ours.images)
+
+
+def test_official_bf16_runs_under_bfloat16_autocast_where_native(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both contenders run one build of the official models; the second under CPU bfloat16 autocast, and only
+    where bfloat16 matmuls are native (forced here both ways)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text(STAND_IN)
+    base = load_folder(TINY)
+    params = SamplingParams(cfg=1.5, top_k=900, top_p=0.96)
+    try:
+        monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
+        runners = official_runners(tmp_path, base, params)
+        assert list(runners) == ["official", "official-bf16"]
+        for runner in runners.values():
+            runner([207], 42)
+        monkeypatch.setenv("VAR_CPU_ISA", "avx2")
+        assert list(official_runners(tmp_path, base, params)) == ["official"]
+        stand_in = sys.modules["models"]
+    finally:
+        sys.modules.pop("models", None)
+        while str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+    assert len(stand_in.BUILDS) == 2  # one per call of official_runners, shared by its contenders
+    assert [c[4] for c in stand_in.CALLS] == [None, torch.bfloat16]
+    assert not torch.is_autocast_enabled("cpu")  # left as it was

@@ -11,6 +11,7 @@ import torch
 
 from app.bench.offline import main
 from app.bench.runner import PROBE_SIZE, machine_gflops
+from app.compress.hardware import detected
 from tests.conftest import DEMO
 
 REQUIRED = {
@@ -102,3 +103,25 @@ def test_compressed_variants_report_stored_bytes_and_attention_flops(tmp_path: P
         assert 0 < r["attention_share"] < 1
     assert late["weight_bytes"] == base["weight_bytes"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_records_name_the_machine_and_the_kernels_each_variant_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forced to AVX2's table: int8 on fbgemm, fc2 upcast to float32; the record says so, read from the modules,
+    beside the real CPU's flags."""
+    monkeypatch.setenv("VAR_CPU_ISA", "avx2")
+    out = tmp_path / "bench.json"
+    args = ["--preset", "tiny", "--variants", "baseline,w8a8", "--batch-sizes", "1", "--runs", "1"]
+    assert main([*args, "--json", str(out)]) == 0
+    base, w8a8 = json.loads(out.read_text())
+    for r in (base, w8a8):
+        assert r["cpu_model"] and r["cpu_isa"] == "avx2" and r["cpu_isa_forced"]
+        assert r["cpu_flags"] == detected().recorded_flags()  # the machine as it is, forced or not
+        assert not r["step_compiled"]
+    assert set(base["layer_kernels"].values()) == {"float32"}
+    assert w8a8["layer_kernels"]["attn.mat_qkv"] == "int8/fbgemm" and w8a8["layer_kernels"]["ffn.fc2"] == "bf16/float32"
+    table = capsys.readouterr().out
+    flags = ", ".join(f for f, present in base["cpu_flags"].items() if present)
+    assert f"cpu: {base['cpu_model']} ({flags}), kernels chosen for avx2 (forced)" in table
+    assert "kernels w8a8: " in table and "attn.mat_qkv int8/fbgemm" in table

@@ -19,6 +19,7 @@ from app.model.pipeline import VARPipeline
 from tests.conftest import DEMO
 
 LABELS, SEEDS = [0, 3, 7], [11, 12, 13]
+EVERY_SCALE = tuple(range(7))  # the demo model's scales: sharing everywhere, as the authors do
 TOL = {"atol": 2e-5, "rtol": 1e-4}  # float32 kernels against the float64 reference
 
 
@@ -245,8 +246,8 @@ def test_sharing_skips_the_unconditional_rows_scores_at_the_shared_scales(demo: 
     """Counted as the kernels ran: at a shared scale of a shared layer the unconditional rows compute no
     scores (probabilities shared) or nothing at all (outputs shared); elsewhere every row computes both."""
     dense = counting(copy.deepcopy(demo))
-    probs = cfg_attention_sharing(copy.deepcopy(demo))
-    outputs = cfg_attention_sharing(copy.deepcopy(demo), outputs=True)
+    probs = cfg_attention_sharing(copy.deepcopy(demo), scales=EVERY_SCALE)
+    outputs = cfg_attention_sharing(copy.deepcopy(demo), scales=EVERY_SCALE, outputs=True)
     some = cfg_attention_sharing(counting(copy.deepcopy(demo)), scales=(6,), layers=(0, 1))  # 2 of 4 layers
     for pipe in (dense, probs, outputs, some):
         pipe.generate(LABELS, seeds=SEEDS)
@@ -264,7 +265,7 @@ def test_sharing_skips_the_unconditional_rows_scores_at_the_shared_scales(demo: 
 
 
 def test_shared_generation_stays_close_to_the_baseline(demo: VARPipeline) -> None:
-    shared = cfg_attention_sharing(copy.deepcopy(demo))
+    shared = cfg_attention_sharing(copy.deepcopy(demo), scales=EVERY_SCALE)
     a, b = shared.generate(LABELS, seeds=SEEDS), demo.generate(LABELS, seeds=SEEDS)
     assert torch.equal(a.tokens[0], b.tokens[0])
     assert (a.images - b.images).abs().mean() < 0.2  # same classes and seeds: similar images, not equal

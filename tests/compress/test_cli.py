@@ -1,4 +1,4 @@
-"""`python -m app.compress calibrate`: a calibrated plan lands beside the model and is what the windowed pass loads."""
+"""`python -m app.compress calibrate`: calibrated plans land beside the model and are what the passes load."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from app.compress import apply_variant
 from app.compress.__main__ import main
 from app.compress.attention import PlannedAttention
-from app.compress.attention_passes import MissingWindowPlan
+from app.compress.attention_passes import MissingSharingPlan, MissingWindowPlan
+from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan
 from app.compress.windows import PLAN_FILE, WindowPlan
 from app.model.checkpoint import load_folder
 from app.model.checksums import sha256, write_sums
@@ -21,20 +22,47 @@ from tests.conftest import DEMO
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
-    shutil.copytree(DEMO, folder, ignore=shutil.ignore_patterns(PLAN_FILE, "*.png", "*.md"))
+    shutil.copytree(DEMO, folder, ignore=shutil.ignore_patterns(PLAN_FILE, SHARING_PLAN_FILE, "*.png", "*.md"))
     write_sums(folder)  # the copy's own checksums: without them loading refuses the files gone missing
     return folder
 
 
-def test_calibrate_saves_a_plan_that_the_windowed_variant_loads(model_dir: Path, capsys) -> None:
+def test_calibrate_saves_both_plans_that_the_litevar_variant_loads(model_dir: Path, capsys) -> None:
     with pytest.raises(MissingWindowPlan, match=re.escape(f"`python -m app.compress calibrate --model {model_dir}`")):
         apply_variant("windows", load_folder(model_dir))  # no plan: it refuses, naming the command below
     args = ["calibrate", "--model", str(model_dir), "--tau", "0.7", "--batches", "1", "--batch-size", "3"]
-    assert main(args) == 0
+    assert main([*args, "--threshold", "0.1"]) == 0
     plan = WindowPlan.load(model_dir / PLAN_FILE)
-    assert f"{sha256(model_dir / PLAN_FILE)}  {PLAN_FILE}" in (model_dir / "SHA256SUMS").read_text()
+    sharing = SharingPlan.load(model_dir / SHARING_PLAN_FILE)
+    sums = (model_dir / "SHA256SUMS").read_text()
+    for name in (PLAN_FILE, SHARING_PLAN_FILE):
+        assert f"{sha256(model_dir / name)}  {name}" in sums
     assert plan.settings.tau == 0.7 and plan.settings.batch_size == 3
-    assert f"{100 * plan.kept_fraction():.1f}%" in capsys.readouterr().out
-    pipe = apply_variant("windows", load_folder(model_dir))
+    assert sharing.settings.threshold == 0.1 and sharing.settings.batch_size == 3
+    out = capsys.readouterr().out
+    assert f"{100 * plan.kept_fraction():.1f}%" in out
+    assert f"{int(sharing.shared.sum())} of 28 (layer, scale) pairs shared" in out
+    pipe = apply_variant("litevar-float", load_folder(model_dir))
     kernels = [b.attn.kernel for b in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {3, 4, 5, 6} for k in kernels)
+    assert [k.share_scales for k in kernels] == [sharing.scales(layer) for layer in range(4)]
+
+
+@pytest.mark.parametrize(("threshold", "shared", "flops_kept"), [("0", 0, "100.0%"), ("inf", 28, "75.0%")])
+def test_calibrating_the_sharing_plan_alone_keeps_the_window_plan(
+    model_dir: Path, capsys, threshold: str, shared: int, flops_kept: str
+) -> None:
+    """The ends of the threshold: 0 shares nowhere, infinity everywhere (a quarter of the FLOPs saved)."""
+    shutil.copyfile(DEMO / PLAN_FILE, model_dir / PLAN_FILE)
+    write_sums(model_dir)
+    with pytest.raises(MissingSharingPlan, match=re.escape(f"--model {model_dir} --sharing-only`")):
+        apply_variant("cfg-share", load_folder(model_dir))
+    args = ["calibrate", "--model", str(model_dir), "--sharing-only", "--batches", "1", "--batch-size", "3"]
+    assert main([*args, "--threshold", threshold]) == 0
+    assert sha256(model_dir / PLAN_FILE) == sha256(DEMO / PLAN_FILE)
+    assert (
+        f"{shared} of 28 (layer, scale) pairs shared, {flops_kept} of the attention FLOPs kept"
+        in capsys.readouterr().out
+    )
+    pipe = apply_variant("cfg-share", load_folder(model_dir))  # loads: the checksums cover the new plan
+    assert sum(len(b.attn.kernel.share_scales) for b in pipe.var.block_list) == shared

@@ -9,19 +9,22 @@ import gc
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
+from app.compress.compiled import compiled_step
 from app.compress.int4 import Int4SharedAdaLin, Int4WeightLinear, pack_int4, unpack_int4
 from app.compress.quantize import (
     DEFAULT_INT8,
     LAYER_TYPES,
-    BF16WeightConv2d,
     BF16WeightLinear,
     BF16WeightSharedAdaLin,
     Int8Linear,
     Int8SharedAdaLin,
     Kernel,
-    bf16_vqvae,
+    int_mm_linear,
+    layer_kernels,
     quantize_linears,
+    quantize_weight,
 )
 from app.model.blocks import QKVLinear
 from app.model.checkpoint import load_folder, random_pipeline
@@ -29,9 +32,11 @@ from app.model.config import PRESETS, PipelineConfig, VARConfig, VQVAEConfig
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
+from tests.compress.test_compiled import assert_same_generation
 from tests.conftest import DEMO
+from tests.spread_weights import spread_weights
 
-KERNELS: list[Kernel] = ["fbgemm", "int_mm"]  # int_mm: the CUDA kernel's arithmetic, run on CPU
+KERNELS: list[Kernel] = ["fbgemm", "int_mm"]  # either runs on any x86 CPU, whatever the hardware table picks
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -99,15 +104,27 @@ def test_qkv_linear_takes_its_bias_per_call(kernel: Kernel) -> None:
     assert torch.allclose(q(x, bias), q(x) + bias, atol=1e-6)
 
 
-def test_the_cpu_twin_of_the_cuda_kernel_matches_fbgemm() -> None:
-    # odd sizes exercise the padding to K, N multiples of 8 and to more than 16 rows
-    for n_in, n_out, rows in [(256, 512, 50), (30, 21, 3)]:
+def test_int_mm_matches_fbgemm_at_any_shape() -> None:
+    # odd sizes and fewer than 17 rows: cuBLAS would need padding, the CPU's torch._int_mm takes them as they are
+    for n_in, n_out, rows in [(256, 512, 50), (30, 21, 3), (30, 21, 1)]:
         lin = linear(n_in, n_out)
         x = torch.randn(rows, n_in)
         fbgemm, twin = Int8Linear.from_linear(lin, "fbgemm"), Int8Linear.from_linear(lin, "int_mm")
         assert torch.equal(fbgemm.weight, twin.weight)
         assert rel_err(twin(x), fbgemm(x)) < 0.03
         assert rel_err(twin(x), lin(x).detach()) < 0.02
+
+
+def test_int_mm_linear_is_exact_int8_arithmetic_on_cpu() -> None:
+    """Unpadded on CPU, at shapes cuBLAS refuses: the int32 sums equal int64 ones, dequantized elementwise."""
+    gen = torch.Generator().manual_seed(2)
+    for rows, n_in, n_out in [(1, 30, 21), (5, 1024, 40), (17, 24, 16)]:
+        x = torch.randn(rows, n_in, generator=gen) * 3
+        weight, weight_scale = quantize_weight(torch.randn(n_out, n_in, generator=gen))
+        x_scale = x.abs().amax(dim=1, keepdim=True) / 127
+        xq = torch.round(x / x_scale).clamp(-127, 127)
+        exact = (xq.long() @ weight.long().t()).float() * (x_scale * weight_scale)
+        assert torch.equal(int_mm_linear(x, weight, weight_scale), exact), (rows, n_in, n_out)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -180,6 +197,50 @@ def test_int8_weights_take_about_a_quarter_of_float32_as_held_in_memory(kernel: 
     reported = module_bytes(*layers)
     assert abs(held - reported) < 0.005 * reported, (held, reported)
     assert 0.25 <= reported / float_bytes < (0.27 if kernel == "int_mm" else 0.4)  # int8 weights, padded by fbgemm
+
+
+# ---- under torch.compile ---------------------------------------------------------------------------
+
+
+@pytest.mark.compile
+def test_int_mm_and_native_bf16_layers_trace_into_one_graph() -> None:
+    """What a compiled step needs of its layers; fbgemm's packed weight, opaque to Dynamo, breaks the graph."""
+    lin, x = linear(256, 512), torch.randn(2, 40, 256)
+    for module in (Int8Linear.from_linear(lin, "int_mm"), BF16WeightLinear.from_linear(lin, native=True)):
+        explained = torch._dynamo.explain(module)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch._dynamo.explain(Int8Linear.from_linear(lin, "fbgemm"))(x).graph_break_count > 0
+
+
+@pytest.fixture(scope="module")
+def small() -> VARPipeline:
+    """Three scales, two blocks, a 16x16 decoder: compiling it takes seconds on 2 cores."""
+    pn = (1, 2, 4)
+    var = VARConfig(depth=2, embed_dim=128, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
+    vqvae = VQVAEConfig(
+        vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
+    )
+    return spread_weights(random_pipeline(PipelineConfig("small", var, vqvae), seed=3), seed=4)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_a_compiled_int8_pipeline_matches_its_eager_twin(small: VARPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 on torch._int_mm and fc2 in native bfloat16 (forced: the table's picks on AVX-512 BF16 and AMX),
+    compiled without a graph break: one graph per scale plus the decoder. Tolerance: every token equal (the
+    GEMMs are the same kernels, the int32 sums exact), images within 1e-5 (fused element-wise kernels may
+    round differently), and a row still independent of its batch."""
+    monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
+    eager = quantize_linears(copy.deepcopy(small), int4=(), compilable=True)
+    assert {"int8/int_mm", "bf16/native"} <= set(layer_kernels(eager).values())
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    compiled = compiled_step(copy.deepcopy(eager))
+    assert_same_generation(eager, compiled, [0, 3, 7], [21, 22, 23])
+    assert sum(counters["graph_break"].values()) == breaks
+    assert counters["stats"]["unique_graphs"] - graphs == len(small.config.var.patch_nums) + 1
+    alone = compiled.generate([7], seeds=[23]).tokens
+    together = compiled.generate([0, 3, 7], seeds=[21, 22, 23]).tokens
+    assert all(t3[2].equal(t1[0]) for t3, t1 in zip(together, alone, strict=True))
 
 
 # ---- BF16WeightLinear ------------------------------------------------------------------------------
@@ -285,21 +346,6 @@ def test_a_quantized_image_equals_its_request_alone(demo: VARPipeline) -> None:
         alone = pipe.generate([label], p, seeds=[seed])
         assert all(torch.equal(b[i], a[0]) for b, a in zip(batch.tokens, alone.tokens, strict=True)), i
         assert torch.equal(batch.images[i], alone.images[0]), i
-
-
-# ---- the decoder in bfloat16 -----------------------------------------------------------------------
-
-
-def test_bf16_vqvae_stores_bfloat16_weights_with_the_same_keys(demo: VARPipeline) -> None:
-    pipe = bf16_vqvae(copy.deepcopy(demo))
-    convs = [m for m in pipe.vqvae.modules() if type(m) in (nn.Conv2d, BF16WeightConv2d)]
-    assert len(convs) > len(list(pipe.vqvae.decoder.modules())) // 3  # the encoder's too
-    assert all(isinstance(m, BF16WeightConv2d) and m.weight.dtype == torch.bfloat16 for m in convs)
-    assert set(pipe.vqvae.state_dict()) == set(demo.vqvae.state_dict())
-    f_hat = demo.generate([2, 5], seeds=[0, 1]).f_hat
-    with torch.inference_mode():
-        ref, got = demo.decode(f_hat), pipe.decode(f_hat)
-    assert got.dtype == torch.float32 and (got - ref).abs().max().item() < 0.02
 
 
 def test_int4_weights_pack_two_per_byte_within_a_group_step() -> None:

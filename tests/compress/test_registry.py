@@ -43,7 +43,7 @@ PASSES_OF = {
     "litevar-float": [DEFAULT, *ATTENTION],
     "compiled": [DEFAULT, "compiled_step"],
     "autotuned": [DEFAULT, "autotuned_step"],
-    "fastest": [DEFAULT, *ATTENTION, "guidance_off_last", "compiled_step"],
+    "fastest": [DEFAULT, *ATTENTION, "quantize_linears", "bf16_vqvae", "guidance_off_last", "compiled_step"],
     "fastest-int8": [*LITEVAR, "guidance_off_last"],
 }
 

@@ -102,3 +102,9 @@ def test_connection_limit_leaves_room_for_a_full_queue() -> None:
     assert ServeSettings(limit_concurrency=500).connection_limit == 500
     with pytest.raises(ValidationError, match="limit_concurrency must exceed queue_capacity"):
         ServeSettings(limit_concurrency=72, queue_capacity=64, max_batch_size=8)
+
+
+def test_a_forced_cpu_isa_must_be_a_known_level() -> None:
+    assert ServeSettings(cpu_isa="avx2").cpu_isa == "avx2"
+    with pytest.raises(ValidationError, match=r"cpu_isa must be one of generic, avx2, .*got 'avx3'"):
+        ServeSettings(cpu_isa="avx3")
