@@ -10,9 +10,11 @@ takes a while and is logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from app.compress.attention import PlannedAttention, dense_flops, route_for
 from app.compress.calibrate import calibrate, calibrate_sharing
@@ -22,6 +24,7 @@ from app.model.blocks import SelfAttention
 from app.model.pipeline import VARPipeline
 
 log = logging.getLogger(__name__)
+Plan = TypeVar("Plan", WindowPlan, SharingPlan)
 CALIBRATE = "python -m app.compress calibrate"  # the command that saves a plan beside a checkpoint
 
 
@@ -77,6 +80,25 @@ def _planned(attn: SelfAttention) -> PlannedAttention:
     return attn.kernel
 
 
+def _saved_or_calibrated(
+    pipe: VARPipeline,
+    saved: Callable[[VARPipeline], Plan],
+    calibrate_now: Callable[[VARPipeline], Plan],
+    missing: type[ValueError],
+    kind: str,
+    calibrate_missing: bool,
+) -> tuple[Plan, PlanOrigin]:
+    """The plan `saved` finds beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
+    (logged: it takes a while); `missing` raised otherwise."""
+    try:
+        return saved(pipe), PlanOrigin.FILE
+    except missing:
+        if not calibrate_missing:
+            raise
+    log.warning("no %s plan beside %s: calibrating one at load (`%s` saves it)", kind, pipe.source, CALIBRATE)
+    return calibrate_now(pipe), PlanOrigin.CALIBRATED
+
+
 def saved_window_plan(pipe: VARPipeline) -> WindowPlan:
     """The plan saved beside the checkpoint (`window_plan.safetensors`); MissingWindowPlan when there is none."""
     path = pipe.source / PLAN_FILE if pipe.source is not None else None
@@ -91,13 +113,7 @@ def saved_window_plan(pipe: VARPipeline) -> WindowPlan:
 def window_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[WindowPlan, PlanOrigin]:
     """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
     (which must be unmodified: calibration measures its dense attention); MissingWindowPlan otherwise."""
-    try:
-        return saved_window_plan(pipe), PlanOrigin.FILE
-    except MissingWindowPlan:
-        if not calibrate_missing:
-            raise
-    log.warning("no window plan beside %s: calibrating one at load (`%s` saves it)", pipe.source, CALIBRATE)
-    return calibrate(pipe), PlanOrigin.CALIBRATED
+    return _saved_or_calibrated(pipe, saved_window_plan, calibrate, MissingWindowPlan, "window", calibrate_missing)
 
 
 def windowed_attention(
@@ -135,13 +151,9 @@ def saved_sharing_plan(pipe: VARPipeline) -> SharingPlan:
 def sharing_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[SharingPlan, PlanOrigin]:
     """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
     (which must be unmodified); MissingSharingPlan otherwise."""
-    try:
-        return saved_sharing_plan(pipe), PlanOrigin.FILE
-    except MissingSharingPlan:
-        if not calibrate_missing:
-            raise
-    log.warning("no sharing plan beside %s: calibrating one at load (`%s` saves it)", pipe.source, CALIBRATE)
-    return calibrate_sharing(pipe), PlanOrigin.CALIBRATED
+    return _saved_or_calibrated(
+        pipe, saved_sharing_plan, calibrate_sharing, MissingSharingPlan, "sharing", calibrate_missing
+    )
 
 
 def cfg_attention_sharing(
