@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.compress.attention import PlannedAttention, dense_flops, route_for
-from app.compress.calibrate import calibrate, calibrate_sharing
-from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan
-from app.compress.windows import PLAN_FILE, WindowPlan
+from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
+from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings
+from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
 from app.model.blocks import SelfAttention
 from app.model.pipeline import VARPipeline
 
@@ -154,6 +154,26 @@ def sharing_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple
     return _saved_or_calibrated(
         pipe, saved_sharing_plan, calibrate_sharing, MissingSharingPlan, "sharing", calibrate_missing
     )
+
+
+def both_plans(
+    pipe: VARPipeline, *, calibrate_missing: bool = False
+) -> tuple[tuple[WindowPlan, PlanOrigin], tuple[SharingPlan, PlanOrigin]]:
+    """`window_plan` and `sharing_plan` together; when neither is saved and `calibrate_missing`, both come from
+    one run of the calibration batches (`calibrate_plans`), half the time of calibrating each alone."""
+    if calibrate_missing and not _saved(pipe, PLAN_FILE) and not _saved(pipe, SHARING_PLAN_FILE):
+        log.warning(
+            "no window or sharing plan beside %s: calibrating both at load (`%s` saves them)", pipe.source, CALIBRATE
+        )
+        windows, sharing = calibrate_plans(pipe, WindowSettings(), SharingSettings())
+        return (windows, PlanOrigin.CALIBRATED), (sharing, PlanOrigin.CALIBRATED)
+    return window_plan(pipe, calibrate_missing=calibrate_missing), sharing_plan(
+        pipe, calibrate_missing=calibrate_missing
+    )
+
+
+def _saved(pipe: VARPipeline, name: str) -> bool:
+    return pipe.source is not None and (pipe.source / name).is_file()
 
 
 def cfg_attention_sharing(

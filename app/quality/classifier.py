@@ -18,6 +18,7 @@ from torch import nn
 
 from app.model.checkpoint import CheckpointError, check_state_dict, read_state_dict
 from app.model.checksums import SUMS_FILE, sums_mismatches, write_sums
+from app.quality.judge import Judge
 from app.quality.mixer import MixerClassifier
 
 
@@ -25,7 +26,7 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class FashionClassifier(nn.Module):
+class FashionClassifier(Judge):
     architecture = "cnn"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128):
@@ -45,17 +46,6 @@ class FashionClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 32, 32) in [-1, 1] -> (B, feature_dim): the space FID and precision/recall are measured in."""
         return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))
-
-    def config(self) -> dict[str, int | str]:
-        return {
-            "architecture": self.architecture,
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "feature_dim": self.feature_dim,
-        }
 
 
 Classifier = FashionClassifier | MixerClassifier

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from app.quality.judge import Judge
+
 
 class MixerBlock(nn.Module):
     def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int):
@@ -26,7 +28,7 @@ class MixerBlock(nn.Module):
         return x + self.channel_mlp(self.channel_norm(x))
 
 
-class MixerClassifier(nn.Module):
+class MixerClassifier(Judge):
     architecture = "mixer"
 
     def __init__(
@@ -55,17 +57,3 @@ class MixerClassifier(nn.Module):
         """(B, C, H, W) in [-1, 1] -> (B, feature_dim): the mean over patches of the last normalised tokens."""
         tokens = self.embed(x).flatten(2).transpose(1, 2)
         return self.norm(self.blocks(tokens)).mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))
-
-    def config(self) -> dict[str, int | str]:
-        return {
-            "architecture": self.architecture,
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "feature_dim": self.feature_dim,
-            "patch": self.patch,
-            "depth": self.depth,
-            "image_size": self.image_size,
-        }

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from app.compress import CFG_ATTENTION_SHARING, WINDOWED_ATTENTION, apply_variant, variant_spec
-from app.compress.attention_passes import PlanOrigin, sharing_plan, window_plan
+from app.compress.attention_passes import PlanOrigin, both_plans, sharing_plan, window_plan
 from app.compress.registry import PassSpec, VariantSpec
 from app.compress.sharing import SharingPlan
 from app.compress.windows import WindowPlan
@@ -114,9 +114,16 @@ class _Plans:
     @classmethod
     def find(cls, base: VARPipeline, variant_names: Sequence[str], calibrate_missing: bool) -> _Plans:
         plans = cls()
-        if _any_uses(variant_names, WINDOWED_ATTENTION):
+        windowed, sharing = (
+            _any_uses(variant_names, WINDOWED_ATTENTION),
+            _any_uses(variant_names, CFG_ATTENTION_SHARING),
+        )
+        if windowed and sharing:
+            found = both_plans(base, calibrate_missing=calibrate_missing)
+            (plans.windows, plans.windows_origin), (plans.sharing, plans.sharing_origin) = found
+        elif windowed:
             plans.windows, plans.windows_origin = window_plan(base, calibrate_missing=calibrate_missing)
-        if _any_uses(variant_names, CFG_ATTENTION_SHARING):
+        elif sharing:
             plans.sharing, plans.sharing_origin = sharing_plan(base, calibrate_missing=calibrate_missing)
         return plans
 

@@ -189,6 +189,29 @@ def test_the_masked_route_row_by_row_equals_all_rows_at_once(
     assert kernel.ran[step.si].masked == 2 and kernel.ran[step.si].scores == 2 * 3 * kept.numel()
 
 
+@pytest.mark.parametrize("windowed", [False, True])
+def test_shared_probabilities_row_by_row_equal_all_rows_at_once(
+    d16_band: WindowPlan, monkeypatch: pytest.MonkeyPatch, windowed: bool
+) -> None:
+    """Sharing at the d16 shape's last scale: conditional row r's probabilities weight rows r and B + r, the
+    same whether the conditional rows go together or one at a time (over the score budget)."""
+    step = scale_steps(d16_band.patch_nums)[9]
+    kept = d16_band.kept(0, step) if windowed else torch.ones(2, step.num_tokens, step.end, dtype=torch.bool)
+    kernel = PlannedAttention()
+    kernel.routes[step.si] = route_for(kept, 2.0)  # 2.0: never sparse
+    kernel.share_scales = frozenset({step.si})
+    q, k, v = cache_like_qkv(4, 2, step, seq_len=680)
+    at_once = kernel(q, k, v, scale=0.3, attn_bias=None, step=step)
+    monkeypatch.setattr(attention, "TILE_CHUNK", 1)
+    by_row = kernel(q, k, v, scale=0.3, attn_bias=None, step=step)
+    torch.testing.assert_close(by_row, at_once, **TOL)
+    conditional = reference(q[:2], k[:2], v[:2], kept, 0.3)
+    torch.testing.assert_close(by_row[:2].double(), conditional, **TOL)
+    unconditional_values = reference(q[:2], k[:2], v[2:], kept, 0.3)  # the conditional q and k, their own values
+    torch.testing.assert_close(by_row[2:].double(), unconditional_values, **TOL)
+    assert kernel.ran[step.si].scores == 2 * 2 * kept.numel() and kernel.ran[step.si].weighted == 4 * 2 * kept.numel()
+
+
 @pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["tiles compiled", "flex"])

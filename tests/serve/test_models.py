@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import app.compress.calibrate
 from app.compress.attention import PlannedAttention
 from app.compress.attention_passes import MissingWindowPlan, PlanOrigin
 from app.serve.app import create_app
@@ -43,6 +45,21 @@ def test_calibrating_missing_plans_at_load_is_asked_for_and_reported(demo_folder
         assert info["windows"]["passes"] == "device_default_precision,windowed_attention"
         assert info["windows"]["window_plan"] == "calibrated at load" and info["baseline"]["window_plan"] == "none"
         assert c.post("/generate", json={"class_label": 1, "variant": "windows"}).status_code == 200
+
+
+def test_both_missing_plans_come_from_one_calibration_run(demo_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[int] = []
+    record = app.compress.calibrate.record
+
+    def counted(*args: object, **kwargs: object) -> None:
+        runs.append(1)
+        record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.compress.calibrate, "record", counted)
+    model = load_model(demo_folder, ["baseline", "litevar-float"], CPU, calibrate_missing_plans=True)
+    litevar = model.variants["litevar-float"]
+    assert (litevar.window_plan, litevar.sharing_plan) == (PlanOrigin.CALIBRATED, PlanOrigin.CALIBRATED)
+    assert len(runs) == 1
 
 
 def test_windowed_variants_share_the_plan_saved_beside_the_checkpoint() -> None:
