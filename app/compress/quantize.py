@@ -85,7 +85,8 @@ def int_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         if K % 8 or N % 8:
             weight = F.pad(weight, (0, -K % 8, 0, -N % 8))
     acc = torch._int_mm(xq, weight.t())[:M, :N]
-    return acc.float().mul_(x_scale * weight_scale)
+    # two passes over the output, in place after the first; `x_scale * weight_scale` would build an (M, N) matrix
+    return (acc * x_scale).mul_(weight_scale)
 
 
 def _prepack(weight: torch.Tensor, scale: torch.Tensor) -> Any:

@@ -123,7 +123,8 @@ def test_int_mm_linear_is_exact_int8_arithmetic_on_cpu() -> None:
         weight, weight_scale = quantize_weight(torch.randn(n_out, n_in, generator=gen))
         x_scale = x.abs().amax(dim=1, keepdim=True) / 127
         xq = torch.round(x / x_scale).clamp(-127, 127)
-        exact = (xq.long() @ weight.long().t()).float() * (x_scale * weight_scale)
+        # the exact sums scaled per row, then per column
+        exact = (xq.long() @ weight.long().t()).float() * x_scale * weight_scale
         assert torch.equal(int_mm_linear(x, weight, weight_scale), exact), (rows, n_in, n_out)
 
 
