@@ -3,10 +3,11 @@
 The official code is not part of this project: the user points at a local checkout of
 FoundationVision/VAR. Both models get the very same tensors (the state-dict keys are identical).
 
-Two contenders share one build of it: `official` as it runs by default (float32 on CPU), and `official-bf16`
+The contenders share one build of it: `official` as it runs by default (float32 on CPU); `official-bf16`
 under `torch.autocast(device, torch.bfloat16)`, the way its own demo runs on a GPU, measured only where
 bfloat16 matmuls are native (the hardware table): elsewhere they are emulated, ~7x slower, and timing it
-would only say so again.
+would only say so again; and on CPU `official-int8`, a copy with torch's dynamic int8 linears (fbgemm), what
+one `quantize_dynamic` call gives a CPU user for free.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import contextlib
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from app.bench.runner import Runner
 from app.compress.hardware import bf16_native
@@ -40,13 +43,25 @@ def _import_official_builder(src: Path) -> Callable[..., tuple[torch.nn.Module, 
 
 
 def official_runners(src: Path, base: VARPipeline, params: SamplingParams) -> dict[str, Runner]:
-    """The official contenders for this machine, by name: `official`, and `official-bf16` where bfloat16 is
-    native on the pipeline's device; both run one build of the official models."""
+    """The official contenders for this machine, by name: `official`; `official-bf16` where bfloat16 is
+    native on the pipeline's device; `official-int8` on CPU. All from one build of the official models."""
     var = _official_var(src, base)
     runners = {"official": _runner(var, base.device, params, None)}
     if bf16_native(base.device):
         runners["official-bf16"] = _runner(var, base.device, params, torch.bfloat16)
+    if base.device.type == "cpu":
+        runners["official-int8"] = _runner(dynamic_int8(var), base.device, params, None)
     return runners
+
+
+def dynamic_int8(var: nn.Module) -> nn.Module:
+    """A copy of the official transformer whose linears are torch's dynamic int8 ones (fbgemm, per-tensor
+    activation scales). `mat_qkv` stays float32: the official attention reads its weight directly (`F.linear`
+    with its separate q and v biases), which a quantized module has no tensor for."""
+    names = {name for name, m in var.named_modules() if isinstance(m, nn.Linear) and not name.endswith("mat_qkv")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.ao\.quantization.*")
+        return torch.ao.quantization.quantize_dynamic(var, names, dtype=torch.qint8)
 
 
 def official_runner(src: Path, base: VARPipeline, params: SamplingParams, dtype: torch.dtype | None = None) -> Runner:

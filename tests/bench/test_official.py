@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bench.official import official_runner, official_runners
+from app.bench.official import dynamic_int8, official_runner, official_runners
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
 from tests.conftest import TINY
@@ -68,8 +68,8 @@ def test_official_runner_builds_from_the_config_and_runs_on_our_weights(tmp_path
 def test_official_bf16_runs_under_bfloat16_autocast_where_native(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both contenders run one build of the official models; the second under CPU bfloat16 autocast, and only
-    where bfloat16 matmuls are native (forced here both ways)."""
+    """The contenders run one build of the official models; `official-bf16` under CPU bfloat16 autocast, and
+    only where bfloat16 matmuls are native (forced here both ways)."""
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "__init__.py").write_text(STAND_IN)
     base = load_folder(TINY)
@@ -77,16 +77,29 @@ def test_official_bf16_runs_under_bfloat16_autocast_where_native(
     try:
         monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
         runners = official_runners(tmp_path, base, params)
-        assert list(runners) == ["official", "official-bf16"]
+        assert list(runners) == ["official", "official-bf16", "official-int8"]
         for runner in runners.values():
             runner([207], 42)
         monkeypatch.setenv("VAR_CPU_ISA", "avx2")
-        assert list(official_runners(tmp_path, base, params)) == ["official"]
+        assert list(official_runners(tmp_path, base, params)) == ["official", "official-int8"]
         stand_in = sys.modules["models"]
     finally:
         sys.modules.pop("models", None)
         while str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
     assert len(stand_in.BUILDS) == 2  # one per call of official_runners, shared by its contenders
-    assert [c[4] for c in stand_in.CALLS] == [None, torch.bfloat16]
+    assert [c[4] for c in stand_in.CALLS] == [None, torch.bfloat16, None]
     assert not torch.is_autocast_enabled("cpu")  # left as it was
+
+
+def test_official_int8_is_a_copy_with_dynamic_int8_linears_but_the_qkv_projection() -> None:
+    """The official attention reads `mat_qkv.weight` itself: that layer must stay a float Linear."""
+    nn = torch.nn
+    block = nn.ModuleDict({"attn": nn.ModuleDict({"mat_qkv": nn.Linear(8, 24), "proj": nn.Linear(8, 8)})})
+    var = nn.ModuleDict({"blocks": nn.ModuleList([block]), "head": nn.Linear(8, 16)})
+    quantized = dynamic_int8(var)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert type(quantized.get_submodule("blocks.0.attn.mat_qkv")) is nn.Linear
+    assert type(quantized.get_submodule("blocks.0.attn.proj")) is dynamic
+    assert type(quantized.get_submodule("head")) is dynamic
+    assert all(type(m) is nn.Linear for m in (var.get_submodule("head"), var.get_submodule("blocks.0.attn.proj")))
