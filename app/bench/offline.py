@@ -3,7 +3,7 @@
 For each (variant, batch size): one warm-up call, then `--runs` timed calls; medians per stage
 (transformer per scale, sampling, latent update, VQVAE decode), images per second, peak RSS, and the
 speed-up over the first variant, with the machine probe of `runner`. `--official-src DIR` adds the official
-VAR code (a local checkout of FoundationVision/VAR, never part of this project) as a variant running on the
+VAR code (a local checkout of FoundationVision/VAR, never part of this project) as contenders (official.py) on the
 very same weights.
 """
 
@@ -111,8 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--official-src",
         type=Path,
-        help="checkout of the official VAR code: adds variants 'official' and, where bfloat16 is native, "
-        "'official-bf16' (under bfloat16 autocast)",
+        help="checkout of the official VAR code: adds variants 'official', 'official-bf16' (under bfloat16 "
+        "autocast, where bfloat16 is native) and, on CPU, 'official-int8' (torch's dynamic int8 linears)",
     )
     ap.add_argument(
         "--window-plan",
