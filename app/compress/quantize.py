@@ -52,14 +52,6 @@ DEFAULT_BF16 = ("ffn.fc2",)
 _TINY = torch.finfo(torch.float32).tiny
 _CUBLAS_INT_MM_MIN_ROWS = 17  # cuBLAS's int8 GEMM in torch._int_mm needs more than 16 rows (the CPU's does not)
 
-Kernel = Int8Kernel
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are native on `device` (the hardware table: CUDA, AVX512-BF16, AMX); elsewhere
-    they are emulated, ~7x slower than float32."""
-    return bf16_native(device)
-
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (int8 weight, float32 scale = row absmax / 127)."""
@@ -113,7 +105,11 @@ class Int8Linear(nn.Module):
     _guard: torch.Tensor
 
     def __init__(
-        self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel | None = None
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: Int8Kernel | None = None,
     ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -133,7 +129,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight", weight.to(torch.int8))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: Kernel | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernel: Int8Kernel | None = None) -> Int8Linear:
         return cls(*quantize_weight(linear.weight), linear.bias, kernel)
 
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
@@ -208,7 +204,7 @@ class Int8Linear(nn.Module):
             self._packed = _prepack(w, self.weight_scale)
 
     @property
-    def kernel(self) -> Kernel:
+    def kernel(self) -> Int8Kernel:
         return "fbgemm" if self._packed is not None else "int_mm"
 
     def extra_repr(self) -> str:

@@ -14,10 +14,8 @@ from app.compress.compiled import ACCUMULATED_RECOMPILE_LIMIT, RECOMPILE_LIMIT, 
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
 from app.compress.windows import DROP, WindowPlan, WindowSettings
-from app.model.checkpoint import random_pipeline
-from app.model.config import PipelineConfig, VARConfig, VQVAEConfig
 from app.model.pipeline import VARPipeline
-from tests.spread_weights import spread_weights
+from tests.spread_weights import small_pipeline
 
 pytestmark = pytest.mark.compile
 
@@ -29,13 +27,7 @@ COLD_INDUCTOR = {"fx_graph_cache": False, "autotune_local_cache": False}  # noth
 def small() -> VARPipeline:
     """Three scales, two blocks (they share the last scale's workspace), a 16x16 decoder: compiling it
     takes seconds, not minutes, on 2 cores."""
-    pn = (1, 2, 4)
-    var = VARConfig(depth=2, embed_dim=128, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
-    vqvae = VQVAEConfig(
-        vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
-    )
-    pipe = random_pipeline(PipelineConfig("small", var, vqvae), seed=3)
-    return spread_weights(pipe, seed=4)
+    return small_pipeline(depth=2, embed_dim=128, seed=3)
 
 
 def narrow_windows(pipe: VARPipeline) -> VARPipeline:

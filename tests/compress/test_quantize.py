@@ -12,6 +12,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from app.compress.compiled import compiled_step
+from app.compress.hardware import Int8Kernel
 from app.compress.int4 import Int4SharedAdaLin, Int4WeightLinear, pack_int4, unpack_int4
 from app.compress.quantize import (
     DEFAULT_INT8,
@@ -20,7 +21,6 @@ from app.compress.quantize import (
     BF16WeightSharedAdaLin,
     Int8Linear,
     Int8SharedAdaLin,
-    Kernel,
     int_mm_linear,
     layer_kernels,
     quantize_linears,
@@ -34,9 +34,9 @@ from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from tests.compress.test_compiled import assert_same_generation
 from tests.conftest import DEMO
-from tests.spread_weights import spread_weights
+from tests.spread_weights import small_pipeline
 
-KERNELS: list[Kernel] = ["fbgemm", "int_mm"]  # either runs on any x86 CPU, whatever the hardware table picks
+KERNELS: list[Int8Kernel] = ["fbgemm", "int_mm"]  # either runs on any x86 CPU, whatever the hardware table picks
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,7 +85,7 @@ def tiny_quantized(tiny: VARPipeline) -> VARPipeline:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_linear_within_2_percent_of_float(kernel: Kernel) -> None:
+def test_int8_linear_within_2_percent_of_float(kernel: Int8Kernel) -> None:
     lin = linear(256, 512)
     x = torch.randn(2, 40, 256)
     y = Int8Linear.from_linear(lin, kernel)(x)
@@ -94,7 +94,7 @@ def test_int8_linear_within_2_percent_of_float(kernel: Kernel) -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_qkv_linear_takes_its_bias_per_call(kernel: Kernel) -> None:
+def test_qkv_linear_takes_its_bias_per_call(kernel: Int8Kernel) -> None:
     torch.manual_seed(0)
     qkv = QKVLinear(64)
     q = Int8Linear.from_linear(qkv, kernel)
@@ -129,7 +129,7 @@ def test_int_mm_linear_is_exact_int8_arithmetic_on_cpu() -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_a_row_does_not_depend_on_the_other_rows_bitwise(kernel: Kernel) -> None:
+def test_a_row_does_not_depend_on_the_other_rows_bitwise(kernel: Int8Kernel) -> None:
     q = Int8Linear.from_linear(linear(128, 256), kernel)
     gen = torch.Generator().manual_seed(1)
     row = torch.randn(1, 128, generator=gen)
@@ -146,7 +146,7 @@ def test_a_row_does_not_depend_on_the_other_rows_bitwise(kernel: Kernel) -> None
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_weights_are_stored_in_int8_with_the_original_keys(kernel: Kernel) -> None:
+def test_weights_are_stored_in_int8_with_the_original_keys(kernel: Int8Kernel) -> None:
     lin = linear(64, 96)
     q = Int8Linear.from_linear(lin, kernel)
     floats = [t for t in [*q.parameters(), *q.buffers()] if t.is_floating_point() and t.numel() >= 64 * 96]
@@ -181,7 +181,7 @@ def test_a_misshapen_state_dict_is_refused() -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_weights_take_about_a_quarter_of_float32_as_held_in_memory(kernel: Kernel) -> None:
+def test_int8_weights_take_about_a_quarter_of_float32_as_held_in_memory(kernel: Int8Kernel) -> None:
     """The bytes reported for int8 layers against the memory they hold: what malloc has in use grows by that
     much while they are built. fbgemm keeps its packed weight outside any tensor (only this sees it), padded
     to its cache blocks; the demo model's 256-wide layers show the padding most."""
@@ -216,12 +216,7 @@ def test_int_mm_and_native_bf16_layers_trace_into_one_graph() -> None:
 @pytest.fixture(scope="module")
 def small() -> VARPipeline:
     """Three scales, two blocks, a 16x16 decoder: compiling it takes seconds on 2 cores."""
-    pn = (1, 2, 4)
-    var = VARConfig(depth=2, embed_dim=128, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
-    vqvae = VQVAEConfig(
-        vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
-    )
-    return spread_weights(random_pipeline(PipelineConfig("small", var, vqvae), seed=3), seed=4)
+    return small_pipeline(depth=2, embed_dim=128, seed=3)
 
 
 @pytest.mark.compile

@@ -18,13 +18,12 @@ from app.compress.attention_passes import MissingSharingPlan, PlanOrigin, cfg_at
 from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
 from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings, guidance_ramp
 from app.compress.windows import WindowSettings
-from app.model.checkpoint import load_folder, random_pipeline
+from app.model.checkpoint import load_folder
 from app.model.checksums import write_sums
-from app.model.config import PipelineConfig, VARConfig, VQVAEConfig
 from app.model.pipeline import VARPipeline
 from app.serve.models import load_model
 from tests.conftest import DEMO
-from tests.spread_weights import spread_weights
+from tests.spread_weights import small_pipeline
 
 LABELS, SEEDS = [0, 3, 7], [11, 12, 13]
 FEW = SharingSettings(batches=1, batch_size=3)
@@ -38,12 +37,7 @@ def demo() -> VARPipeline:
 @pytest.fixture(scope="module")
 def small() -> VARPipeline:
     """Three layers, scales (1, 2, 4), weights spread so that attention is far from uniform."""
-    pn = (1, 2, 4)
-    var = VARConfig(depth=3, embed_dim=64, num_heads=4, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
-    vqvae = VQVAEConfig(
-        vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, patch_nums=pn
-    )
-    return spread_weights(random_pipeline(PipelineConfig("small", var, vqvae), seed=5), seed=6)
+    return small_pipeline(depth=3, embed_dim=64, seed=5)
 
 
 def blind_to_the_class(pipe: VARPipeline) -> VARPipeline:
