@@ -18,7 +18,7 @@ from torch import nn
 
 from app.model.checkpoint import CheckpointError, check_state_dict, read_state_dict
 from app.model.checksums import SUMS_FILE, sums_mismatches, write_sums
-from app.quality.judge import Judge
+from app.quality.feature_classifier import FeatureClassifier
 from app.quality.mixer import MixerClassifier
 
 
@@ -26,7 +26,7 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class FashionClassifier(Judge):
+class FashionClassifier(FeatureClassifier):
     architecture = "cnn"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 128):

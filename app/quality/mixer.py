@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from app.quality.judge import Judge
+from app.quality.feature_classifier import FeatureClassifier
 
 
 class MixerBlock(nn.Module):
@@ -28,7 +28,7 @@ class MixerBlock(nn.Module):
         return x + self.channel_mlp(self.channel_norm(x))
 
 
-class MixerClassifier(Judge):
+class MixerClassifier(FeatureClassifier):
     architecture = "mixer"
 
     def __init__(

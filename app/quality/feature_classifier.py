@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-class Judge(nn.Module):
+class FeatureClassifier(nn.Module):
     """A classifier whose `features` are the space FID and precision/recall are measured in.
 
     Subclasses set `architecture`, build `dropout` and `head`, implement `features`, and keep each constructor
