@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from app.bench.runner import samples_in_turns
 from app.compress.attention import SPARSE_KERNELS, KeyTiles, PlannedAttention, Route, route_for
 from app.compress.attention_passes import WindowedAttention
 from app.compress.hardware import detect
@@ -107,18 +108,7 @@ def medians_in_turns(
     calls: list[Callable[[], object]], repeats: int, device: torch.device, clock: str = "wall"
 ) -> list[float]:
     """Median time of each call, the calls run in turns (one warm-up each first)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    now = CLOCKS[clock]
-    times: list[list[float]] = [[] for _ in calls]
-    for round_ in range(repeats + 1):
-        for call, samples in zip(calls, times, strict=True):
-            sync()
-            t0 = now()
-            call()
-            sync()
-            if round_:
-                samples.append(now() - t0)
-    return [statistics.median(s) for s in times]
+    return [statistics.median(s) for s in samples_in_turns(calls, repeats, clock=CLOCKS[clock], device=device)]
 
 
 def time_scale(

@@ -17,10 +17,10 @@ VAR_CPU_ISA=avx2 .venv/bin/python -m app.bench kernels                  # what t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from app.bench.runner import samples_in_turns
 from app.compress.hardware import COMPILABLE_INT8, bf16_native, detect, int8_kernel
 from app.compress.int4 import Int4WeightLinear
 from app.compress.quantize import DEFAULT_BF16, DEFAULT_INT4, DEFAULT_INT8, BF16WeightLinear, Int8Linear
@@ -116,18 +117,10 @@ def time_layer(layer: str, shape: tuple[int, int], rows: int, repeats: int, comp
     lin = Linear(*shape)
     x = torch.randn(rows, shape[0])
     calls = _callables(layer, lin, compile_too)
-    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for call in calls.values():  # warm-up: compilation, oneDNN's primitive caches, page-in
-        call(x)
-        call(x)
-    for _ in range(repeats):
-        for key, call in calls.items():
-            t0 = time.perf_counter()
-            call(x)
-            seconds[key].append(time.perf_counter() - t0)
+    seconds = samples_in_turns([functools.partial(call, x) for call in calls.values()], repeats, warmups=2)
     return [
         Timing(layer, *shape, rows, option, mode, 1e3 * statistics.median(s), 1e3 * min(s), [1e3 * t for t in s])
-        for (option, mode), s in seconds.items()
+        for (option, mode), s in zip(calls, seconds, strict=True)
     ]
 
 

@@ -71,6 +71,29 @@ def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
     return run
 
 
+def samples_in_turns(
+    calls: list[Callable[[], object]],
+    repeats: int,
+    *,
+    warmups: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    device: torch.device | None = None,
+) -> list[list[float]]:
+    """`repeats` timings of each call, the calls run in turns so that a shared machine's drift hits them
+    alike, after `warmups` untimed rounds (compilation, oneDNN's primitive caches, page-in)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(warmups + repeats):
+        for call, samples in zip(calls, times, strict=True):
+            sync()
+            t0 = clock()
+            call()
+            sync()
+            if round_ >= warmups:
+                samples.append(clock() - t0)
+    return times
+
+
 PROBE_SIZE = 512  # a 512^3 float32 matmul: about 2 ms on 2 AVX2 cores, fast enough to run every round
 
 
