@@ -26,7 +26,7 @@ import torch
 from app.bench.runner import BenchRecord, Contender, add_speedups, measure, pipeline_runner
 from app.compress import CFG_ATTENTION_SHARING, VARIANTS, WINDOWED_ATTENTION, apply_variant
 from app.compress.attention_passes import attention_flops
-from app.compress.calibrate import calibrate, calibrate_sharing
+from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
 from app.compress.sharing import SHARING_PLAN_FILE, SharingSettings
 from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
 from app.model.checkpoint import load_folder, open_pipeline
@@ -147,38 +147,41 @@ def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
             yield Contender(name, runner, None)
 
 
-def ensure_window_plan(base: VARPipeline, workdir: Path, plan_file: Path | None = None) -> None:
-    """Random weights have no saved window plan: calibrate one once (on 4 images) for every variant to share.
-    On random weights the plan measures the mechanism, not a trained model's attention (and at d16 it comes
-    out nearly dense). `plan_file` (`--window-plan`), e.g. a band plan, replaces any plan for every variant."""
-    if plan_file is not None:
-        use_window_plan(base, workdir, plan_file)
+def ensure_plans(base: VARPipeline, workdir: Path, *, windows: bool, sharing: bool, window_plan: Path | None) -> None:
+    """The plans the variants need, in one folder the passes read (`base.source`). Random weights have none
+    saved: those missing are calibrated once (on 4 images; both from one run when both are missing) for every
+    variant to share. On random weights a plan measures the mechanism (at d16 the window plan comes out nearly
+    dense). `window_plan` (`--window-plan`), e.g. a band plan, replaces any window plan (ValueError when it is
+    for another model shape)."""
+    source = base.source
+
+    def saved(name: str) -> bool:
+        return source is not None and (source / name).is_file()
+
+    new_windows = windows and (window_plan is not None or not saved(PLAN_FILE))
+    new_sharing = sharing and not saved(SHARING_PLAN_FILE)
+    if not (new_windows or new_sharing):
         return
-    if base.source is not None and (base.source / PLAN_FILE).is_file():
-        return
-    calibrate(base, WindowSettings(batches=1, batch_size=4)).save(workdir / PLAN_FILE)
-    base.source = workdir
-
-
-def use_window_plan(base: VARPipeline, workdir: Path, plan_file: Path) -> None:
-    """Copy `plan_file` into `workdir` as the model's window plan (ValueError when it is for another model
-    shape); a sharing plan beside the checkpoint comes along, the passes read both from one folder."""
-    var = base.config.var
-    WindowPlan.load(plan_file).check_fits(var.depth, var.num_heads, var.patch_nums)
-    if base.source is not None and base.source != workdir and (base.source / SHARING_PLAN_FILE).is_file():
-        shutil.copyfile(base.source / SHARING_PLAN_FILE, workdir / SHARING_PLAN_FILE)
-    shutil.copyfile(plan_file, workdir / PLAN_FILE)
-    base.source = workdir
-
-
-def ensure_sharing_plan(base: VARPipeline, workdir: Path) -> None:
-    """Random weights have no saved sharing plan: calibrate one once (on 4 images), as the window plan, into
-    `workdir`, which then holds the checkpoint's window plan too (the passes read both from one folder)."""
-    if base.source is not None and (base.source / SHARING_PLAN_FILE).is_file():
-        return
-    if base.source is not None and base.source != workdir and (base.source / PLAN_FILE).is_file():
-        shutil.copyfile(base.source / PLAN_FILE, workdir / PLAN_FILE)
-    calibrate_sharing(base, SharingSettings(batches=1, batch_size=4)).save(workdir / SHARING_PLAN_FILE)
+    for name in (PLAN_FILE, SHARING_PLAN_FILE):  # the saved plans come along into the new folder
+        if source is not None and source != workdir and saved(name):
+            shutil.copyfile(source / name, workdir / name)
+    if window_plan is not None and new_windows:
+        var = base.config.var
+        WindowPlan.load(window_plan).check_fits(var.depth, var.num_heads, var.patch_nums)
+        shutil.copyfile(window_plan, workdir / PLAN_FILE)
+        new_windows = False
+    window_settings, sharing_settings = (
+        WindowSettings(batches=1, batch_size=4),
+        SharingSettings(batches=1, batch_size=4),
+    )
+    if new_windows and new_sharing:
+        plans = calibrate_plans(base, window_settings, sharing_settings)
+        plans[0].save(workdir / PLAN_FILE)
+        plans[1].save(workdir / SHARING_PLAN_FILE)
+    elif new_windows:
+        calibrate(base, window_settings).save(workdir / PLAN_FILE)
+    elif new_sharing:
+        calibrate_sharing(base, sharing_settings).save(workdir / SHARING_PLAN_FILE)
     base.source = workdir
 
 
@@ -190,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     preset = base.config.name
     load_s = measure_load_seconds(base) if a.measure_load else None
     with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
-        if any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list):
-            try:
-                ensure_window_plan(base, Path(tmp), a.window_plan)
-            except (OSError, ValueError) as e:
-                sys.exit(f"--window-plan {a.window_plan}: {e}")
-        if any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list):
-            ensure_sharing_plan(base, Path(tmp))
+        windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list)
+        sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list)
+        try:
+            ensure_plans(base, Path(tmp), windows=windows, sharing=sharing, window_plan=a.window_plan)
+        except (OSError, ValueError) as e:
+            if a.window_plan is None:
+                raise
+            sys.exit(f"--window-plan {a.window_plan}: {e}")
         records = run_all(a, base, preset)
     reference = a.variant_list[0]
     add_speedups(records, reference)
