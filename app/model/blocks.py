@@ -67,14 +67,37 @@ class SelfAttention(nn.Module):
     def qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, heads, L, head_dim); q and k L2-normalised and q scaled when attn_l2_norm."""
         B, L, _ = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = self.mat_qkv(x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return self.split_heads(self.project_qkv(x_BLC), B, L)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused projection of tokens (..., C) -> (..., 3C); any leading shape (tokens of many rows)."""
+        return self.mat_qkv(x, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+
+    def split_heads(self, qkv: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_bias: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+        step: ScaleStep | None = None,
+    ) -> torch.Tensor:
+        """Attention of q over k, v (and the cached keys and values before them) -> (B, L, C), before `proj`."""
+        B, _, L, _ = q.shape
+        if cache is not None:
+            assert step is not None, "a cached call needs its scale step"
+            k, v = cache.update(step, k, v)
+        out = self.kernel(q, k, v, scale=self.scale, attn_bias=attn_bias, step=step)
+        return out.transpose(1, 2).reshape(B, L, -1)
 
     def forward(
         self,
@@ -84,13 +107,8 @@ class SelfAttention(nn.Module):
         cache: LayerKVCache | None = None,
         step: ScaleStep | None = None,
     ) -> torch.Tensor:
-        B, L, C = x_BLC.shape
         q, k, v = self.qkv(x_BLC)
-        if cache is not None:
-            assert step is not None, "a cached call needs its scale step"
-            k, v = cache.update(step, k, v)
-        out = self.kernel(q, k, v, scale=self.scale, attn_bias=attn_bias, step=step)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return self.proj(self.attend(q, k, v, attn_bias=attn_bias, cache=cache, step=step))
 
 
 class FFN(nn.Module):
@@ -146,10 +164,43 @@ class AdaLNSelfAttn(nn.Module):
         step: ScaleStep | None = None,
     ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
-        h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
+        h = self._modulated(x, scale1, shift1)
         x = x + self.attn(h, attn_bias=attn_bias, cache=cache, step=step).mul_(gamma1)
-        h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
+        h = self._modulated(x, scale2, shift2)
         return x + self.ffn(h).mul(gamma2)
+
+    def forward_groups(
+        self, xs: list[torch.Tensor], mods: list[torch.Tensor], caches: list[LayerKVCache], steps: list[ScaleStep]
+    ) -> list[torch.Tensor]:
+        """`forward` of groups of rows, each at its own scale with its own cache: the linear layers run once
+        over the tokens of every group together, attention per group. Each row computes what it would alone
+        (the linears are row-stable), so this equals `forward` per group, bit for bit on CPU."""
+        parts = [m.unbind(2) for m in mods]  # per group: gamma1, gamma2, scale1, scale2, shift1, shift2
+        h = flat_tokens([self._modulated(x, p[2], p[4]) for x, p in zip(xs, parts, strict=True)])
+        qkv = unflat_tokens(self.attn.project_qkv(h), xs)
+        outs = []
+        for x, g_qkv, cache, step in zip(xs, qkv, caches, steps, strict=True):
+            q, k, v = self.attn.split_heads(g_qkv, x.shape[0], x.shape[1])
+            outs.append(self.attn.attend(q, k, v, cache=cache, step=step))
+        attn = unflat_tokens(self.attn.proj(flat_tokens(outs)), xs)
+        xs = [x + a.mul_(p[0]) for x, a, p in zip(xs, attn, parts, strict=True)]
+        h = flat_tokens([self._modulated(x, p[3], p[5]) for x, p in zip(xs, parts, strict=True)])
+        ffn = unflat_tokens(self.ffn(h), xs)
+        return [x + f.mul(p[1]) for x, f, p in zip(xs, ffn, parts, strict=True)]
+
+    def _modulated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+def flat_tokens(groups: list[torch.Tensor]) -> torch.Tensor:
+    """Groups (rows, l, C) -> the tokens of all of them, (sum rows * l, C)."""
+    return torch.cat([g.reshape(-1, g.shape[-1]) for g in groups])
+
+
+def unflat_tokens(tokens: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`_flat`'s inverse for tokens of any width: (T, N) -> per group (rows, l, N), views."""
+    sizes = [g.shape[0] * g.shape[1] for g in like]
+    return [t.view(g.shape[0], g.shape[1], -1) for t, g in zip(tokens.split(sizes), like, strict=True)]
 
 
 class AdaLNBeforeHead(nn.Module):

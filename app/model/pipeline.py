@@ -19,27 +19,24 @@ from pathlib import Path
 import torch
 
 from app.model.config import PipelineConfig
-from app.model.kv_cache import KVCache, ScaleStep, scale_steps
-from app.model.sampling import (
-    NoiseSource,
-    PerRowGenerators,
-    RowSampling,
-    SamplingParams,
-    SharedGenerator,
-    filter_top_k_top_p_,
-    guide,
-    gumbel_soft_codes,
-    sample_tokens,
-)
+from app.model.kv_cache import KVCache, KVPool, ScaleStep, scale_steps
+from app.model.rollout import LogitsObserver, Rollout, autocast_or_not
+from app.model.sampling import NoiseSource, PerRowGenerators, SamplingParams, SharedGenerator
 from app.model.timing import NULL_TIMER, Stage, StageTimer, scale_section
 from app.model.var import VAR, Conditioning
 from app.model.vqvae import VQVAE
 
-LogitsObserver = Callable[[int, torch.Tensor], None]
 # One scale of the transformer: (tokens, conditioning, cache, step) -> logits; `VAR.step` or a compiled form
 StepFn = Callable[[torch.Tensor, Conditioning, KVCache, ScaleStep], torch.Tensor]
 # The VQVAE decoder: latent after post_quant_conv -> image in [-1, 1]; `vqvae.decoder` or a compiled form
 DecoderFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+GROUPED_SECTION = f"{Stage.TRANSFORMER}.grouped"  # the timer section of rollouts stepped together
+
+
+class PoolFull(RuntimeError):
+    """The KV pool has no free run of rows long enough for a new rollout."""
 
 
 @dataclass
@@ -110,6 +107,23 @@ class VARPipeline:
         Randomness: `seeds` (one per row; random ones are drawn and returned when omitted), or
         `shared_seed` for the official one-generator-per-batch behaviour.
         """
+        rollout = self.start(labels, params, seeds=seeds, shared_seed=shared_seed)
+        while not rollout.done:
+            self.step_all([rollout], timer, on_guided_logits)
+        images = self.finish(rollout, timer)
+        return Generation(images, rollout.tokens, rollout.f_hat, rollout.seeds, rollout.cache_bytes)
+
+    def start(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        shared_seed: int | None = None,
+        pool: KVPool | None = None,
+    ) -> Rollout:
+        """A rollout of these rows before their first scale (arguments as `generate`). Its KV cache is leased
+        from `pool` (None: allocated for it); a pool without room raises PoolFull."""
         label_list = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
         row_params = self._validate(
             label_list, self.config.default_sampling if params is None else params, seeds, shared_seed
@@ -122,12 +136,58 @@ class VARPipeline:
         else:
             row_seeds = [int(s) for s in seeds] if seeds is not None else [secrets.randbits(63) for _ in range(B)]
             noise = PerRowGenerators.from_seeds(row_seeds, self.device)
-        rows = RowSampling.from_params(row_params, self.device)
+        lease = None
+        if pool is None:
+            cache = self.var.new_cache(2 * B, self.device, self.cache_dtype)
+        else:
+            lease = pool.lease(2 * B)
+            if lease is None:
+                raise PoolFull(f"no {2 * B} free rows in a row in the KV pool ({pool.free_rows} free of {pool.rows})")
+            cache = lease.cache
         labels_B = torch.tensor(label_list, device=self.device)
-        tokens, f_hat, cache_bytes = self._sample_tokens(labels_B, rows, noise, timer, on_guided_logits)
+        return Rollout(
+            self.var, self.vqvae, self.steps, row_params, noise, row_seeds, cache, lease, self.autocast_dtype, labels_B
+        )
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or torch.float32
+
+    def new_pool(self, images: int) -> KVPool:
+        """A KV pool for `images` rows in flight (two cache rows each, for guidance)."""
+        return KVPool(self.var.new_cache(2 * images, self.device, self.cache_dtype))
+
+    @torch.inference_mode()
+    def step_all(
+        self,
+        rollouts: Sequence[Rollout],
+        timer: StageTimer = NULL_TIMER,
+        on_guided_logits: LogitsObserver | None = None,
+    ) -> None:
+        """One scale of each rollout, each at its own scale. The eager step runs them together, its linear layers
+        over all their tokens at once (`VAR.step_groups`); a compiled step (one graph per scale and batch size)
+        runs them one by one."""
+        inputs = [r.inputs() for r in rollouts]
+        if len(rollouts) > 1 and self.step_fn == self.var.step:
+            with timer.section(GROUPED_SECTION), self._autocast():
+                logits = self.var.step_groups(
+                    [i.x for i in inputs], [i.cond for i in inputs], [i.cache for i in inputs], [i.step for i in inputs]
+                )
+        else:
+            logits = []
+            for i in inputs:
+                with timer.section(scale_section(i.step.si)), self._autocast():
+                    logits.append(self.step_fn(i.x, i.cond, i.cache, i.step))
+        for r, lg in zip(rollouts, logits, strict=True):
+            r.take(lg, timer, on_guided_logits)
+
+    @torch.inference_mode()
+    def finish(self, rollout: Rollout, timer: StageTimer = NULL_TIMER) -> torch.Tensor:
+        """The images of a rollout that has run every scale; its cache rows go back to the pool."""
+        assert rollout.done, "the rollout has scales left"
+        rollout.release()
         with timer.section(Stage.DECODE):
-            images = self.decode(f_hat)
-        return Generation(images, tokens, f_hat, row_seeds, cache_bytes)
+            return self.decode(rollout.f_hat)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat -> images in [0, 1] (float32). Autocast only for a decoder whose weights are not already in
@@ -138,68 +198,8 @@ class VARPipeline:
             img = self.vqvae.fhat_to_img(f_hat, self.decoder_fn)
         return img.float().add_(1).mul_(0.5)
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    def _sample_tokens(
-        self,
-        labels_B: torch.Tensor,
-        rows: RowSampling,
-        noise: NoiseSource,
-        timer: StageTimer,
-        on_guided_logits: LogitsObserver | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-        """Tokens per scale, the final latent f_hat, and the bytes of the KV cache allocated for them."""
-        var, quant, steps = self.var, self.vqvae.quantize, self.steps
-        B, K = labels_B.shape[0], len(steps)
-        null = torch.full_like(labels_B, self.num_classes)
-        with self._autocast():
-            cond = var.condition(torch.cat((labels_B, null)))  # rows [0, B) conditional, [B, 2B) null class
-            lvl_pos = var.level_pos()
-            x = var.first_tokens(cond, lvl_pos)
-        cache = var.new_cache(2 * B, self.device, self.autocast_dtype or torch.float32)
-        cache_bytes = cache.nbytes()
-        H = self.config.var.patch_nums[-1]
-        f_hat = torch.zeros(B, self.config.var.z_channels, H, H, device=self.device)
-        tokens = []
-        for step in steps:
-            ratio = step.si / max(K - 1, 1)
-            if not step.guided and cond.cond_BD.shape[0] == 2 * B:  # guidance stops: drop the unconditional rows
-                cond, cache = cond.first_rows(B), cache.first_rows(B)
-            with timer.section(scale_section(step.si)), self._autocast():
-                logits = self.step_fn(x, cond, cache, step)
-            guided = guide(logits, rows.cfg, ratio) if step.guided else logits
-            if on_guided_logits is not None:
-                on_guided_logits(step.si, guided.clone())
-            with timer.section(Stage.SAMPLING):
-                idx_Bl, h_BlC = self._sample_scale(guided, rows, noise, ratio)
-            tokens.append(idx_Bl)
-            with timer.section(Stage.LATENT):
-                pn = self.config.var.patch_nums[step.si]
-                next_BChw = quant.next_input(step.si, f_hat, h_BlC.transpose(1, 2).reshape(B, -1, pn, pn))
-            if not step.is_last:
-                x = self._next_tokens(next_BChw, steps[step.si + 1], lvl_pos)
-        return tokens, f_hat, cache_bytes
-
-    def _sample_scale(
-        self, guided_BlV: torch.Tensor, rows: RowSampling, noise: NoiseSource, ratio: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, l) and the code vectors (B, l, Cvae) that enter f_hat."""
-        masked = filter_top_k_top_p_(guided_BlV, rows.top_k_B, rows.top_p_B)
-        idx_Bl = sample_tokens(masked.softmax(dim=-1), noise)
-        codebook = self.vqvae.quantize.embedding.weight
-        h_BlC = codebook[idx_Bl]
-        if rows.smooth_rows:
-            h_BlC[rows.smooth_rows] = gumbel_soft_codes(masked, codebook, ratio, rows.smooth_rows, noise)
-        return idx_Bl, h_BlC
-
-    def _next_tokens(self, next_BChw: torch.Tensor, step: ScaleStep, lvl_pos: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            x_BlC = self.var.embed_scale(next_BChw, step, lvl_pos)
-        return x_BlC.repeat(2, 1, 1) if step.guided else x_BlC  # the guidance half sees the same tokens
-
     def _autocast(self) -> torch.autocast | nullcontext[None]:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast_or_not(self.device, self.autocast_dtype)
 
     # ---- input checks ------------------------------------------------------------------------------
     def _validate(

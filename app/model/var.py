@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from app.model.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from app.model.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flat_tokens, unflat_tokens
 from app.model.config import VARConfig
 from app.model.kv_cache import KVCache, ScaleStep
 from app.model.row_stable import Linear
@@ -96,6 +96,17 @@ class VAR(nn.Module):
         for block, mod, layer_cache in zip(self.block_list, cond.block_mods, cache.layers, strict=True):
             x_BlC = block(x_BlC, mod, cache=layer_cache, step=step)
         return self.logits(x_BlC, cond)
+
+    def step_groups(
+        self, xs: list[torch.Tensor], conds: list[Conditioning], caches: list[KVCache], steps: list[ScaleStep]
+    ) -> list[torch.Tensor]:
+        """`step` of several groups of rows, each at its own scale with its own cache, the linear layers over
+        all their tokens at once (`AdaLNSelfAttn.forward_groups`) -> logits per group."""
+        for i, block in enumerate(self.block_list):
+            mods = [c.block_mods[i] for c in conds]
+            xs = block.forward_groups(xs, mods, [c.layers[i] for c in caches], steps)
+        heads = [self.head_nm(x.float(), c.head_mod).float() for x, c in zip(xs, conds, strict=True)]
+        return unflat_tokens(self.head(flat_tokens(heads)).float(), xs)
 
     def new_cache(self, rows: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
