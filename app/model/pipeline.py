@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from app.model.config import PipelineConfig
-from app.model.kv_cache import KVCache, KVPool, ScaleStep, scale_steps
+from app.model.kv_cache import KVCache, KVLease, KVPool, ScaleStep, scale_steps
 from app.model.rollout import LogitsObserver, Rollout, autocast_or_not
 from app.model.sampling import NoiseSource, PerRowGenerators, SamplingParams, SharedGenerator
 from app.model.timing import NULL_TIMER, Stage, StageTimer, scale_section
@@ -33,10 +33,6 @@ DecoderFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 GROUPED_SECTION = f"{Stage.TRANSFORMER}.grouped"  # the timer section of rollouts stepped together
-
-
-class PoolFull(RuntimeError):
-    """The KV pool has no free run of rows long enough for a new rollout."""
 
 
 @dataclass
@@ -120,10 +116,10 @@ class VARPipeline:
         *,
         seeds: Sequence[int] | None = None,
         shared_seed: int | None = None,
-        pool: KVPool | None = None,
+        lease: KVLease | None = None,
     ) -> Rollout:
-        """A rollout of these rows before their first scale (arguments as `generate`). Its KV cache is leased
-        from `pool` (None: allocated for it); a pool without room raises PoolFull."""
+        """A rollout of these rows before their first scale (arguments as `generate`). Its KV cache is `lease`,
+        two rows per image from a pool (`new_pool`), or allocated for it (None)."""
         label_list = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
         row_params = self._validate(
             label_list, self.config.default_sampling if params is None else params, seeds, shared_seed
@@ -136,13 +132,11 @@ class VARPipeline:
         else:
             row_seeds = [int(s) for s in seeds] if seeds is not None else [secrets.randbits(63) for _ in range(B)]
             noise = PerRowGenerators.from_seeds(row_seeds, self.device)
-        lease = None
-        if pool is None:
+        if lease is None:
             cache = self.var.new_cache(2 * B, self.device, self.cache_dtype)
+        elif lease.rows != 2 * B:
+            raise ValueError(f"a lease of {lease.rows} cache rows for {B} images (two rows each)")
         else:
-            lease = pool.lease(2 * B)
-            if lease is None:
-                raise PoolFull(f"no {2 * B} free rows in a row in the KV pool ({pool.free_rows} free of {pool.rows})")
             cache = lease.cache
         labels_B = torch.tensor(label_list, device=self.device)
         return Rollout(

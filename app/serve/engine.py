@@ -1,5 +1,9 @@
 """The engine: one per device. A bounded queue, dynamic batching, and one worker thread for the model.
 
+Two batching policies (`policy`): `whole`, here, where a batch runs every scale of its images before the
+next batch starts; `scale` (app/serve/scale_batching.py), where requests join the running generation at the
+next scale boundary.
+
 The event loop owns the queue and every future; the worker thread only runs `pipeline.generate`, so the
 loop stays responsive while a batch computes. A batch's result or exception is set only on the futures
 of its own requests. No web framework here: the API maps the exceptions of `batching` to HTTP.
@@ -45,6 +49,7 @@ from app.serve.batching import (
     queued_rows,
 )
 from app.serve.metrics import ServeMetrics
+from app.serve.scale_batching import ScaleBatching
 from app.serve.watchdog import Unhealthy, Watchdog
 from app.serve.worker import BatchOutput, Pipeline, compute, finite_rows, free_memory, out_of_memory
 
@@ -57,6 +62,7 @@ Fault = Callable[[list[BatchRow], torch.Tensor], torch.Tensor]
 WATCHDOG_S = 120.0  # the watchdog's floor (VAR_WATCHDOG_S)
 OOM_BACKOFF_BATCHES = 100  # after running out of memory, batches computed at the lowered limit
 UNHEALTHY_RETRY_AFTER_S = 30
+POLICIES = ("whole", "scale")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,11 @@ class Engine:
         watchdog_s: float = WATCHDOG_S,
         oom_backoff_batches: int = OOM_BACKOFF_BATCHES,
         fault: Fault | None = None,
+        policy: str = "whole",
     ):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
         self.pipelines = dict(pipelines)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -103,11 +113,12 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
         self._scheduler: asyncio.Task[None] | None = None
         self._refusal: Refusal | None = NOT_STARTED  # None while accepting
-        self.watchdog = Watchdog(watchdog_s)  # also the running mean of a batch's seconds, for Retry-After
+        self.watchdog = Watchdog(watchdog_s)  # also the running mean of a batch's (a step's) seconds
+        self._scale = ScaleBatching(self) if policy == "scale" else None
         if metrics:
             for name in self.pipelines:
                 metrics.watch_queue(
-                    name, functools.partial(self._queued, name), functools.partial(self._inflight.__getitem__, name)
+                    name, functools.partial(self._queued, name), functools.partial(self._rows_in_flight, name)
                 )
             metrics.batch_limit.set_function(lambda: self._limit.current)
 
@@ -162,6 +173,15 @@ class Engine:
     def _queued(self, variant: str) -> int:
         return queued_rows(self._queue, variant)
 
+    def _rows_in_flight(self, variant: str) -> int:
+        return self._scale.rows_in_flight(variant) if self._scale else self._inflight[variant]
+
+    def _generation_s(self) -> float:
+        """The running estimate of one generation's seconds: a batch's, or a step's times the scales."""
+        if self._scale is None:
+            return self.watchdog.batch_s
+        return self.watchdog.batch_s * max(len(p.steps) for p in self.pipelines.values())
+
     @property
     def batch_limit(self) -> int:
         """The most images the next batch may hold (lowered for a while after running out of memory)."""
@@ -211,7 +231,7 @@ class Engine:
             raise ValueError(f"unknown variant {request.variant!r}; loaded: {', '.join(self.pipelines)}")
         queued = queued_rows(self._queue)
         if queued + request.num_images > self.queue_capacity:
-            retry = math.ceil((queued / self._limit.current + 1) * self.watchdog.batch_s)
+            retry = math.ceil((queued / self._limit.current + 1) * self._generation_s())
             raise QueueFull(queued, self.queue_capacity, retry_after_s=max(1, retry))
         now = time.monotonic()
         pending = Pending(request, arrived=now, deadline=now + request.timeout_s)
@@ -245,11 +265,12 @@ class Engine:
 
     # ---- scheduling ------------------------------------------------------------------------------
     async def _schedule(self) -> None:
+        if self._scale is not None:
+            await self._scale.run()
         while True:
             self._wakeup.clear()
             now = time.monotonic()
-            for p in [p for p in self._queue if p.deadline <= now]:
-                self._finish(p, DeadlineExceeded(p.request.timeout_s, computed=p.started is not None))
+            self._expire_queued(now)
             decision = next_batch(self._queue, now, self._limit.current, self.max_wait_s)
             if decision.rows:
                 self._queue = [p for p in self._queue if p.rows_waiting]
@@ -257,6 +278,10 @@ class Engine:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), decision.wait_s)
+
+    def _expire_queued(self, now: float) -> None:
+        for p in [p for p in self._queue if p.deadline <= now]:
+            self._finish(p, DeadlineExceeded(p.request.timeout_s, computed=p.started is not None))
 
     async def _run(self, rows: list[BatchRow], *, retry: bool) -> None:
         """One batch. If it runs out of memory it is split in halves; if it raises otherwise, each of its
@@ -280,11 +305,16 @@ class Engine:
                 for r in rows:
                     await self._run([r], retry=False)
                 return
-            error_id = self._log_failure(variant, rows, e, "failing its requests")
-            for p in _requests_of(rows):
-                self._finish(p, BatchFailed(error_id, "out of memory" if out_of_memory(e) else "generation failed"))
+            self._fail(variant, rows, e)
             return
         self._deliver(variant, rows, out)
+
+    def _fail(self, variant: str, rows: list[BatchRow], error: Exception) -> None:
+        """The requests of `rows` end with BatchFailed (the cause is logged under its error id)."""
+        error_id = self._log_failure(variant, rows, error, "failing its requests")
+        what = "out of memory" if out_of_memory(error) else "generation failed"
+        for p in _requests_of(rows):
+            self._finish(p, BatchFailed(error_id, what))
 
     def _admissible(self, rows: list[BatchRow]) -> list[BatchRow]:
         """The rows still awaited and within their deadline; a request past it ends now (504), uncomputed."""

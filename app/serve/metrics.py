@@ -65,7 +65,7 @@ class ServeMetrics:
         )
         self.queue_wait_seconds = Histogram(
             "var_queue_wait_seconds",
-            "arrival to the start of the request's first batch",
+            "arrival to the start of the request's first batch (scale policy: its first step)",
             ["variant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -84,6 +84,24 @@ class ServeMetrics:
             buckets=_count_buckets(max_batch_size),
             registry=r,
         )
+        self.step_seconds = Histogram(
+            "var_step_duration_seconds",
+            "scale policy: seconds of one step (one scale of every generation in flight, and its decodes)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rows_admitted = Histogram(
+            "var_step_admitted_images",
+            "scale policy: images that joined the generations in flight at a step boundary",
+            buckets=_count_buckets(max_batch_size),
+            registry=r,
+        )
+        self.rows_by_scale = Gauge(
+            "var_inflight_images_by_scale",
+            "scale policy: images in flight per variant and the scale they compute next",
+            ["variant", "scale"],
+            registry=r,
+        )
         self.images_per_request = Histogram(
             "var_request_images",
             "images asked for per accepted request",
@@ -96,7 +114,9 @@ class ServeMetrics:
         self.images_generated = Counter("var_images_generated_total", "images computed", ["variant"], registry=r)
         self.batch_failures = Counter("var_batch_failures_total", "batches that raised", ["variant"], registry=r)
         self.queue_depth = Gauge("var_queue_depth_images", "images waiting for a batch", ["variant"], registry=r)
-        self.inflight = Gauge("var_inflight_images", "images in the batch being computed", ["variant"], registry=r)
+        self.inflight = Gauge(
+            "var_inflight_images", "images being computed (in the batch, or in flight)", ["variant"], registry=r
+        )
         self.weight_bytes = Gauge(
             "var_model_weight_bytes", "weights held for this variant alone", ["variant"], registry=r
         )
@@ -182,6 +202,14 @@ class ServeMetrics:
         self.images_generated.labels(variant).inc(size)
         for stage, seconds in stage_s.items():
             self.stage_seconds.labels(variant, stage).observe(seconds)
+
+    def record_step(self, seconds: float, admitted: int, by_scale: dict[tuple[str, int], int]) -> None:
+        """One step of the scale policy; `by_scale`: images in flight per (variant, next scale) after it."""
+        self.step_seconds.observe(seconds)
+        self.rows_admitted.observe(admitted)
+        self.rows_by_scale.clear()
+        for (variant, scale), n in by_scale.items():
+            self.rows_by_scale.labels(variant, str(scale)).set(n)
 
     def record_memory(self, variant: str, kv_cache_bytes: int, peak_bytes: int | None) -> None:
         """Raise the variant's high-water marks of KV cache and batch memory (peak_bytes None: not measured)."""

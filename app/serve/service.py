@@ -90,6 +90,7 @@ class Service:
                 queue_capacity=s.queue_capacity,
                 metrics=self.metrics,
                 watchdog_s=s.watchdog_s,
+                policy=s.batching,
             )
             self.engine = engine
             self._describe(model)

@@ -10,7 +10,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,7 +43,14 @@ class ServeSettings(BaseSettings):
         description="force the CPU's ISA level the kernels are chosen for (generic, avx2, avx512, avx512_vnni, "
         "avx512_bf16, amx; empty: the CPU's own)",
     )
-    max_batch_size: int = Field(default=8, ge=1, le=256, description="most images computed in one batch")
+    batching: Literal["whole", "scale"] = Field(
+        default="scale",
+        description="whole: a batch runs all its scales before the next starts; scale: requests join the running "
+        "generation at the next scale (docs/serving.md#batching-policies)",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=256, description="most images computed in one batch (scale: in flight at once)"
+    )
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest wait of the oldest image for a fuller batch")
     queue_capacity: int = Field(default=64, ge=1, description="most images waiting; beyond it requests get 429")
     max_images_per_request: int = Field(default=16, ge=1, description="upper limit of num_images")

@@ -5,24 +5,43 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from app.model.kv_cache import KVLease, KVPool, ScaleStep
 from app.model.memory import peak_above_start
 from app.model.pipeline import Generation
+from app.model.rollout import Rollout
 from app.model.sampling import SamplingParams
 from app.model.timing import Stage, StageTimer
 
 
 class Pipeline(Protocol):
+    """What the engine needs of a pipeline (`VARPipeline`): `generate` for the `whole` policy; `new_pool`,
+    `start`, `step_all` and `finish` for the `scale` policy."""
+
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def steps(self) -> list[ScaleStep]: ...
 
     def generate(
         self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
     ) -> Generation: ...
+
+    def new_pool(self, images: int) -> KVPool: ...
+
+    def start(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], lease: KVLease | None
+    ) -> Rollout: ...
+
+    def step_all(self, rollouts: Sequence[Rollout], timer: StageTimer) -> None: ...
+
+    def finish(self, rollout: Rollout, timer: StageTimer) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
-from app.model.pipeline import PoolFull, VARPipeline
+from app.model.kv_cache import KVPool
+from app.model.pipeline import VARPipeline
 from app.model.rollout import Rollout
 from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
@@ -21,6 +21,14 @@ def alone(pipe: VARPipeline, label: int, seed: int, params: SamplingParams) -> t
     return pipe.generate([label], params, seeds=[seed]).images[0]
 
 
+def start(
+    pipe: VARPipeline, labels: list[int], params: SamplingParams | list[SamplingParams], seeds: list[int], pool: KVPool
+) -> Rollout:
+    lease = pool.lease(2 * len(labels))
+    assert lease is not None, "no room in the pool"
+    return pipe.start(labels, params, seeds=seeds, lease=lease)
+
+
 def run_to_end(pipe: VARPipeline, rollouts: list[Rollout]) -> None:
     while any(not r.done for r in rollouts):
         pipe.step_all([r for r in rollouts if not r.done])
@@ -29,12 +37,12 @@ def run_to_end(pipe: VARPipeline, rollouts: list[Rollout]) -> None:
 def test_rollouts_joining_at_later_scales_equal_each_image_alone(tiny_pipeline: VARPipeline) -> None:
     pipe = tiny_pipeline
     pool = pipe.new_pool(6)
-    a = pipe.start([207, 980], [P1, P2], seeds=[1, 2], pool=pool)
+    a = start(pipe, [207, 980], [P1, P2], [1, 2], pool)
     pipe.step_all([a])
     pipe.step_all([a])
-    b = pipe.start([33], P2, seeds=[3], pool=pool)  # joins while a is at its third scale
+    b = start(pipe, [33], P2, [3], pool)  # joins while a is at its third scale
     pipe.step_all([a, b])
-    c = pipe.start([500, 1, 207], P1, seeds=[4, 5, 6], pool=pool)
+    c = start(pipe, [500, 1, 207], P1, [4, 5, 6], pool)
     timer = StageTimer()
     while not a.done:
         pipe.step_all([a, b, c], timer)
@@ -51,8 +59,8 @@ def test_rollouts_joining_at_later_scales_equal_each_image_alone(tiny_pipeline: 
 def test_rows_that_leave_free_their_cache_rows_and_the_rest_are_unchanged(tiny_pipeline: VARPipeline) -> None:
     pipe = tiny_pipeline
     pool = pipe.new_pool(4)
-    r = pipe.start([207, 980, 33], P1, seeds=[7, 8, 9], pool=pool)
-    other = pipe.start([1], P1, seeds=[10], pool=pool)  # holds the two rows after r's
+    r = start(pipe, [207, 980, 33], P1, [7, 8, 9], pool)
+    other = start(pipe, [1], P1, [10], pool)  # holds the two rows after r's
     pipe.step_all([r, other])
     pipe.step_all([r, other])
     assert pool.free_rows == 0
@@ -73,10 +81,10 @@ def test_guidance_stopping_returns_the_unconditional_rows_and_mixes_with_guided_
     K = len(pipe.steps)
     pipe.guided_scales = K - 1  # the last scale runs unguided
     pool = pipe.new_pool(2)
-    first = pipe.start([207], P1, seeds=[1], pool=pool)
+    first = start(pipe, [207], P1, [1], pool)
     for _ in range(K - 1):
         pipe.step_all([first])
-    second = pipe.start([980], P1, seeds=[2], pool=pool)
+    second = start(pipe, [980], P1, [2], pool)
     pipe.step_all([first, second])  # first's last, unguided scale beside second's first, guided one
     assert first.done and pool.free_rows == 1  # first's unconditional row left before its last scale
     images = pipe.finish(first)
@@ -87,14 +95,13 @@ def test_guidance_stopping_returns_the_unconditional_rows_and_mixes_with_guided_
 
 def test_a_full_pool_refuses_and_leases_contiguous_rows(tiny_pipeline: VARPipeline) -> None:
     pool = tiny_pipeline.new_pool(3)  # six cache rows
-    a = tiny_pipeline.start([1], P1, seeds=[1], pool=pool)  # rows 0-1
-    b = tiny_pipeline.start([2], P1, seeds=[2], pool=pool)  # rows 2-3
-    c = tiny_pipeline.start([3], P1, seeds=[3], pool=pool)  # rows 4-5
+    a = start(tiny_pipeline, [1], P1, [1], pool)  # rows 0-1
+    b = start(tiny_pipeline, [2], P1, [2], pool)  # rows 2-3
+    c = start(tiny_pipeline, [3], P1, [3], pool)  # rows 4-5
     a.release()
     c.release()
     assert pool.free_rows == 4 and pool.largest_free() == 2  # free, but not in one run
-    with pytest.raises(PoolFull, match="no 4 free rows in a row"):
-        tiny_pipeline.start([4, 5], P1, seeds=[4, 5], pool=pool)
+    assert pool.lease(4) is None
     b.release()
-    d = tiny_pipeline.start([4, 5, 6], P1, seeds=[4, 5, 6], pool=pool)
+    d = start(tiny_pipeline, [4, 5, 6], P1, [4, 5, 6], pool)
     assert d.lease is not None and d.lease.start == 0 and pool.free_rows == 0

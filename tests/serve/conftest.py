@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +17,18 @@ import torch
 from fastapi.testclient import TestClient
 
 import app.serve.engine as engine_module
+import app.serve.scale_batching as scale_batching_module
 import app.serve.service as service_module
 from app.bench.served import start_server
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
+from app.model.kv_cache import KVLease, KVPool, ScaleStep
 from app.model.pipeline import Generation, VARPipeline
+from app.model.rollout import Rollout
 from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.app import create_app
+from app.serve.engine import POLICIES
 from app.serve.settings import ServeSettings
 from app.train.export import export_folder
 
@@ -72,16 +76,31 @@ def wait_ready(client: TestClient, limit_s: float = 120) -> None:
         time.sleep(0.02)
 
 
+POLICY = {"name": "whole"}  # the batching policy of engines that tests make; the `policy` fixture sets it
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test under each batching policy (`POLICY`)."""
+    monkeypatch.setitem(POLICY, "name", request.param)
+    return str(request.param)
+
+
 class Recording:
-    """A pipeline that records the rows of every batch it computes."""
+    """A pipeline that records the rows of every batch (under the scale policy: every cohort) it computes."""
 
     def __init__(self, pipe: VARPipeline):
         self.pipe = pipe
         self.calls: list[tuple[list[int], list[SamplingParams], list[int]]] = []
+        self.labels: dict[int, list[int]] = {}  # per rollout (id): its class labels
 
     @property
     def device(self) -> Any:
         return self.pipe.device
+
+    @property
+    def steps(self) -> list[ScaleStep]:
+        return self.pipe.steps
 
     def generate(
         self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
@@ -89,28 +108,56 @@ class Recording:
         self.calls.append((list(labels), list(params), list(seeds)))
         return self.pipe.generate(labels, params, seeds=seeds, timer=timer)
 
+    def new_pool(self, images: int) -> KVPool:
+        return self.pipe.new_pool(images)
+
+    def start(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], lease: KVLease | None
+    ) -> Rollout:
+        self.calls.append((list(labels), list(params), list(seeds)))
+        rollout = self.pipe.start(labels, params, seeds=seeds, lease=lease)
+        self.labels[id(rollout)] = list(labels)
+        return rollout
+
+    def step_all(self, rollouts: Sequence[Rollout], timer: StageTimer) -> None:
+        self.pipe.step_all(rollouts, timer)
+
+    def finish(self, rollout: Rollout, timer: StageTimer) -> torch.Tensor:
+        return self.pipe.finish(rollout, timer)
+
     def computed_seeds(self) -> list[int]:
         return [s for _, _, seeds in self.calls for s in seeds]
 
 
 class Gated(Recording):
-    """Each batch waits for `release` before computing; `entered` is set when a batch is waiting."""
+    """Each batch (scale policy: each cohort) waits for `release` before computing; `entered` is set when one is
+    waiting."""
 
     def __init__(self, pipe: VARPipeline):
         super().__init__(pipe)
         self.entered = threading.Event()
         self.release = threading.Event()
 
+    def _wait(self) -> None:
+        self.entered.set()
+        assert self.release.wait(30), "gate never released"
+
     def generate(
         self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], timer: StageTimer
     ) -> Generation:
-        self.entered.set()
-        assert self.release.wait(30), "gate never released"
+        self._wait()
         return super().generate(labels, params, seeds=seeds, timer=timer)
+
+    def start(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], lease: KVLease | None
+    ) -> Rollout:
+        self._wait()
+        return super().start(labels, params, seeds=seeds, lease=lease)
 
 
 class Failing(Recording):
-    """Raises for any batch that holds the class `bad_label`."""
+    """Raises for any batch that holds the class `bad_label`; under the scale policy, in the middle of the
+    generation: at the step of any rollout that holds it, after its first scale."""
 
     def __init__(self, pipe: VARPipeline, bad_label: int):
         super().__init__(pipe)
@@ -122,6 +169,11 @@ class Failing(Recording):
         if self.bad_label in labels:
             raise RuntimeError(f"simulated failure on class {self.bad_label}")
         return super().generate(labels, params, seeds=seeds, timer=timer)
+
+    def step_all(self, rollouts: Sequence[Rollout], timer: StageTimer) -> None:
+        if any(self.bad_label in self.labels[id(r)] and r.si > 0 for r in rollouts):
+            raise RuntimeError(f"simulated failure on class {self.bad_label}")
+        super().step_all(rollouts, timer)
 
 
 @dataclass
@@ -169,3 +221,4 @@ def crash_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(queue, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "next_batch", crashing)
+    monkeypatch.setattr(scale_batching_module, "next_batch", crashing)

@@ -16,7 +16,7 @@ from app.model.sampling import SamplingParams
 from app.serve.batching import BatchFailed, DeadlineExceeded, GenerationRequest, NotAccepting, QueueFull
 from app.serve.engine import Engine, Pipeline
 from app.serve.metrics import ServeMetrics
-from tests.serve.conftest import Failing, Gated, Recording
+from tests.serve.conftest import POLICY, Failing, Gated, Recording
 
 T = TypeVar("T")
 FAST = SamplingParams(cfg=1.5, top_k=0, top_p=0.0)
@@ -30,8 +30,11 @@ def request(label: int, seeds: tuple[int, ...], params: SamplingParams = FAST, *
     return GenerationRequest(kw.pop("variant", "baseline"), label, seeds, params, kw.pop("timeout_s", 30.0))
 
 
+pytestmark = pytest.mark.usefixtures("policy")  # every test runs under each batching policy
+
+
 def engine(pipes: Mapping[str, Pipeline], **kw: Any) -> Engine:
-    values = {"max_batch_size": 4, "max_wait_s": 0.0, "queue_capacity": 16} | kw
+    values = {"max_batch_size": 4, "max_wait_s": 0.0, "queue_capacity": 16, "policy": POLICY["name"]} | kw
     e = Engine(pipes, **values)
     e.start()
     return e
@@ -163,7 +166,7 @@ def test_cancelled_request_leaves_the_queue_and_is_never_computed(demo_pipeline:
 
 
 def test_failing_batch_fails_only_the_request_that_fails_alone_and_the_engine_goes_on(
-    demo_pipeline: VARPipeline, caplog: pytest.LogCaptureFixture
+    demo_pipeline: VARPipeline, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
     failing = Failing(demo_pipeline, bad_label=9)
 
@@ -185,7 +188,11 @@ def test_failing_batch_fails_only_the_request_that_fails_alone_and_the_engine_go
         bad, neighbour, other, after = run(scenario())
     assert isinstance(bad, BatchFailed)
     assert neighbour.images.shape[0] == 1 and other.images.shape[0] == 2 and after.images.shape[0] == 2
-    assert [labels for labels, _, _ in failing.calls] == [[1], [2, 2], [3, 3]]  # bad never got past the check
+    calls = [labels for labels, _, _ in failing.calls]
+    if policy == "whole":
+        assert calls == [[1], [2, 2], [3, 3]]  # bad never got past the check
+    else:  # bad failed its cohort after the first scale; each of its rows started again alone
+        assert calls[:3] == [[9, 1], [9], [1]] and [3, 3] in calls
     record = next(r for r in caplog.records if bad.error_id in r.getMessage())
     assert record.exc_info is not None and "simulated failure" in str(record.exc_info[1])
     assert sum("retrying each image alone" in r.getMessage() for r in caplog.records) == 1

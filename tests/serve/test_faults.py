@@ -24,11 +24,12 @@ from app.serve.batching import (
 )
 from app.serve.engine import Engine, Fault
 from app.serve.metrics import ServeMetrics
-from tests.serve.conftest import Recording, crash_the_scheduler
+from tests.serve.conftest import POLICY, Recording, crash_the_scheduler
 from tests.serve.test_engine import FAST, request
 
 T = TypeVar("T")
 POISON = 66
+pytestmark = pytest.mark.usefixtures("policy")  # every test runs under each batching policy
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -40,7 +41,7 @@ def seeds_of(rows: list[BatchRow]) -> list[int]:
 
 
 def started(pipe: Recording, fault: Fault, metrics: ServeMetrics | None = None, **kw: Any) -> Engine:
-    values = {"max_batch_size": 3, "max_wait_s": 60.0, "queue_capacity": 16} | kw
+    values = {"max_batch_size": 3, "max_wait_s": 60.0, "queue_capacity": 16, "policy": POLICY["name"]} | kw
     e = Engine({"baseline": pipe}, metrics=metrics, fault=fault, **values)
     e.start()
     return e
@@ -115,6 +116,7 @@ def test_non_finite_pixels_fail_their_request_and_never_reach_an_answer(
     assert sample(metrics, "var_nonfinite_images_total", variant="baseline") == 1
 
 
+@pytest.mark.parametrize("policy", ["whole"], indirect=True)  # splitting in halves is the whole policy's
 def test_out_of_memory_splits_the_batch_and_lowers_the_batch_limit_for_a_while(demo_pipeline: VARPipeline) -> None:
     rec = Recording(demo_pipeline)
     metrics = ServeMetrics(["baseline"], 4, 16)
@@ -147,6 +149,32 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_batch_limit_for_a_while(d
     assert sample(metrics, "var_batch_limit_images") == 4
 
 
+@pytest.mark.parametrize("policy", ["scale"], indirect=True)
+def test_out_of_memory_in_flight_lowers_the_limit_and_retries_each_image_alone(demo_pipeline: VARPipeline) -> None:
+    rec = Recording(demo_pipeline)
+    metrics = ServeMetrics(["baseline"], 4, 16)
+
+    def small_memory(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
+        if len(rows) > 2:
+            raise MemoryError(f"injected: no memory for {len(rows)} images")
+        return images
+
+    async def scenario() -> tuple[list[Any], int]:
+        # queued before the scheduler runs: one cohort of 4, which runs out of memory when decoded
+        e = started(rec, small_memory, metrics, max_batch_size=4, max_wait_s=0.0, oom_backoff_batches=100)
+        results = await asyncio.gather(*(e.generate(request(i, (20 + i,))) for i in range(4)))
+        limit = e.batch_limit
+        await e.stop()
+        return results, limit
+
+    results, limit = run(scenario())
+    assert limit == 2 and sample(metrics, "var_batch_limit_images") == 2
+    assert [len(seeds) for _, _, seeds in rec.calls] == [4, 1, 1, 1, 1]  # then each image alone
+    for r in results:
+        assert torch.equal(r.images, alone(demo_pipeline, r.seeds[0] % 10, r.seeds[0]))
+    assert sample(metrics, "var_oom_total", variant="baseline") == 1
+
+
 def test_an_image_that_alone_runs_out_of_memory_fails_with_its_error_id(demo_pipeline: VARPipeline) -> None:
     def no_memory(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
         raise MemoryError("injected")
@@ -162,6 +190,7 @@ def test_an_image_that_alone_runs_out_of_memory_fails_with_its_error_id(demo_pip
     assert isinstance(run(scenario()), BatchFailed)
 
 
+@pytest.mark.parametrize("policy", ["whole"], indirect=True)  # under scale nothing waits behind a batch
 def test_requests_whose_deadline_passed_behind_a_slow_batch_are_504_and_never_computed(
     demo_pipeline: VARPipeline,
 ) -> None:

@@ -1,0 +1,260 @@
+"""The `scale` batching policy: requests join the running generation at the next scale, not after it.
+
+A generation is one step per scale. Under `whole` a batch runs all its scales before the next batch starts,
+so a request that arrives just after a batch began waits a whole generation. Under `scale` the engine steps
+every generation in flight one scale at a time, and at each step boundary it admits waiting rows (up to the
+batch limit, in rows in flight) and retires the finished ones:
+
+- the rows admitted at one boundary form a cohort: one `Rollout`, whose rows stay at one scale together (each
+  step advances every cohort one scale), with its KV cache leased from the variant's preallocated `KVPool`
+  and returned when its images are decoded;
+- each step runs, per variant, one `step_all` over its cohorts: their linear layers over the tokens of all of
+  them at once, attention per cohort over its own cache (grouping by scale: the cohorts are the groups);
+- a row whose request is no longer awaited (its deadline passed, its client left, another of its rows failed)
+  leaves its cohort at the next boundary, and its cache rows go back to the pool;
+- a cohort that raises fails no one at first: its rows start again, each alone and stepped alone, and only a
+  row that fails alone fails its request (the `whole` policy's retry, per row);
+- images are decoded in the step in which their cohort finishes.
+
+Every row computes exactly what it computes alone (the model's batch invariance, tested through the API), so
+the policy changes when an image is ready, never which image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from app.model.kv_cache import KVLease, KVPool
+from app.model.rollout import Rollout
+from app.model.timing import Stage, StageTimer
+from app.serve.batching import BatchRow, next_batch
+from app.serve.worker import BatchOutput, finite_rows, free_memory, out_of_memory
+
+if TYPE_CHECKING:
+    from app.serve.engine import Engine
+
+
+@dataclass(eq=False)
+class Cohort:
+    """Rows admitted at one step boundary: one rollout, at one scale, until its images are decoded."""
+
+    variant: str
+    rows: list[BatchRow]
+    retry: bool  # on failure its rows start again alone; False: they are that retry, stepped alone
+    lease: KVLease | None = None  # its cache rows, until its rollout starts (then the rollout's)
+    rollout: Rollout | None = None
+    stage_s: dict[Stage, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepPlan:
+    """What one step does, decided on the event loop: rows leaving, cohorts joining."""
+
+    leaving: list[tuple[Cohort, list[int]]]  # the rows (indices) each cohort keeps; none: it leaves whole
+    joining: list[Cohort]
+
+
+@dataclass
+class StepOutcome:
+    finished: list[tuple[Cohort, BatchOutput]] = field(default_factory=list)
+    failed: list[tuple[Cohort, Exception]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class ScaleBatching:
+    """The engine's scheduler under the `scale` policy; state on the event loop, tensors in the worker."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.pools: dict[str, KVPool] = {
+            name: pipe.new_pool(engine.max_batch_size) for name, pipe in engine.pipelines.items()
+        }
+        self.flight: list[Cohort] = []
+        self.retries: list[BatchRow] = []  # rows of failed cohorts, to start again alone
+        if engine.metrics:
+            for name, pool in self.pools.items():
+                engine.metrics.record_memory(name, pool.nbytes(), None)
+
+    def rows_in_flight(self, variant: str | None = None) -> int:
+        return sum(len(c.rows) for c in self.flight if variant is None or c.variant == variant)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        e = self.engine
+        while True:
+            e._wakeup.clear()
+            now = time.monotonic()
+            e._expire_queued(now)
+            plan = StepPlan(self._leaving(), self._admit(now))
+            if not self.flight and not plan.leaving:
+                wait = next_batch(e._queue, now, e._limit.current, e.max_wait_s).wait_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(e._wakeup.wait(), wait)
+                continue
+            outcome = await self._step(plan)
+            await self._settle(outcome)
+
+    def _leaving(self) -> list[tuple[Cohort, list[int]]]:
+        """Cohorts with rows no longer awaited: those rows leave (the whole cohort when none is left)."""
+        leaving = []
+        for c in list(self.flight):
+            keep = [i for i, r in enumerate(c.rows) if r.pending in self.engine._futures]
+            if len(keep) == len(c.rows):
+                continue
+            c.rows = [c.rows[i] for i in keep]
+            if not keep:
+                self.flight.remove(c)
+            leaving.append((c, keep))
+        return leaving
+
+    def _admit(self, now: float) -> list[Cohort]:
+        """Retries first, each alone; then the queue's due rows, one cohort per variant and pool run, while
+        rows in flight stay within the batch limit. Cache rows are leased here (the worker is idle between
+        steps); a cohort's rollout starts in the worker."""
+        e = self.engine
+        joining: list[Cohort] = []
+        while self.retries and self.rows_in_flight() < e._limit.current:
+            row = self.retries[0]
+            if row.pending in e._futures and not self._join(Cohort(row.pending.variant, [row], retry=False), joining):
+                break  # no room in the pool: it waits for a cohort to finish
+            self.retries.pop(0)
+        while (room := e._limit.current - self.rows_in_flight()) > 0:
+            rows = next_batch(e._queue, now, room, e.max_wait_s).rows
+            if not rows:
+                break
+            variant = rows[0].pending.variant
+            fits = self.pools[variant].largest_free() // 2
+            for r in reversed(rows[fits:]):  # beyond the longest free run of the pool: back to the queue
+                r.pending.next_row -= 1
+            if not fits or not self._join(Cohort(variant, rows[:fits], retry=True), joining):
+                break
+        e._queue = [p for p in e._queue if p.rows_waiting]
+        return joining
+
+    def _join(self, cohort: Cohort, joining: list[Cohort]) -> bool:
+        lease = self.pools[cohort.variant].lease(2 * len(cohort.rows))
+        if lease is None:
+            return False
+        cohort.lease = lease
+        self.engine._mark_started([r.pending for r in cohort.rows])
+        self.flight.append(cohort)
+        joining.append(cohort)
+        return True
+
+    # ---- one step, in the worker thread -------------------------------------------------------------
+    async def _step(self, plan: StepPlan) -> StepOutcome:
+        e = self.engine
+        e.watchdog.batch_started("step", self.rows_in_flight())
+        done = False
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(e._executor, self._compute, plan)
+            done = True
+        finally:
+            e.watchdog.batch_ended(done)
+        if e.metrics:
+            e.metrics.record_step(outcome.seconds, sum(len(c.rows) for c in plan.joining), self._by_scale())
+        return outcome
+
+    def _compute(self, plan: StepPlan) -> StepOutcome:
+        t0 = time.perf_counter()
+        for cohort, keep in plan.leaving:
+            assert cohort.rollout is not None
+            if keep:
+                cohort.rollout.keep_rows(keep)
+            else:
+                cohort.rollout.release()
+        outcome = StepOutcome()
+        for cohort in plan.joining:
+            try:
+                self._start(cohort)
+            except Exception as error:
+                outcome.failed.append((cohort, error))
+        timer = StageTimer(next(iter(self.engine.pipelines.values())).device)
+        starting = {c for c, _ in outcome.failed}
+        for variant in dict.fromkeys(c.variant for c in self.flight):
+            cohorts = [c for c in self.flight if c.variant == variant and c not in starting]
+            groups = [[c for c in cohorts if c.retry]] + [[c] for c in cohorts if not c.retry]  # retries alone
+            for group in filter(None, groups):
+                try:
+                    self.engine.pipelines[variant].step_all([_rollout(c) for c in group], timer)
+                except Exception as error:
+                    outcome.failed += [(c, error) for c in group]
+        failed = {c for c, _ in outcome.failed}
+        for c in self.flight:
+            if c not in failed and _rollout(c).done:
+                try:
+                    outcome.finished.append((c, self._images(c, timer)))
+                except Exception as error:
+                    outcome.failed.append((c, error))
+        for c, _ in outcome.failed:
+            if c.rollout is not None:
+                c.rollout.release()
+            elif c.lease is not None:
+                c.lease.release()
+        step_s = timer.stage_seconds()
+        for c in self.flight:
+            for k, v in step_s.items():
+                c.stage_s[k] = c.stage_s.get(k, 0.0) + v
+        outcome.seconds = time.perf_counter() - t0
+        return outcome
+
+    def _start(self, cohort: Cohort) -> None:
+        requests = [r.pending.request for r in cohort.rows]
+        cohort.rollout = self.engine.pipelines[cohort.variant].start(
+            [q.class_label for q in requests],
+            [q.params for q in requests],
+            seeds=[r.pending.request.seeds[r.row] for r in cohort.rows],
+            lease=cohort.lease,
+        )
+        cohort.lease = None  # the rollout's now
+
+    def _images(self, cohort: Cohort, timer: StageTimer) -> BatchOutput:
+        rollout = _rollout(cohort)
+        images = self.engine.pipelines[cohort.variant].finish(rollout, timer).float().cpu()
+        if self.engine._fault is not None:
+            images = self.engine._fault(cohort.rows, images)
+        return BatchOutput(images, {}, rollout.cache_bytes, None, finite_rows(images))
+
+    # ---- after the step, on the event loop ----------------------------------------------------------
+    async def _settle(self, outcome: StepOutcome) -> None:
+        e = self.engine
+        for cohort, out in outcome.finished:
+            self.flight.remove(cohort)
+            e._limit.batch_done()
+            if e.metrics:
+                e.metrics.record_batch(cohort.variant, len(cohort.rows), cohort.stage_s)
+            e._deliver(cohort.variant, cohort.rows, dataclasses.replace(out, stage_s=cohort.stage_s))
+        for cohort, error in outcome.failed:
+            self.flight.remove(cohort)
+            if out_of_memory(error):
+                e._limit.out_of_memory(self.rows_in_flight() + len(cohort.rows))
+                if e.metrics:
+                    e.metrics.oom.labels(cohort.variant).inc()
+                error.__traceback__ = None  # its frames hold the failed step's tensors
+                device = e.pipelines[cohort.variant].device
+                await asyncio.get_running_loop().run_in_executor(e._executor, free_memory, device)
+            if cohort.retry:
+                e._log_failure(cohort.variant, cohort.rows, error, "retrying each image alone")
+                self.retries += cohort.rows
+            else:
+                e._fail(cohort.variant, cohort.rows, error)
+
+    def _by_scale(self) -> dict[tuple[str, int], int]:
+        """Rows in flight per (variant, scale they run next)."""
+        counts: Counter[tuple[str, int]] = Counter()
+        for c in self.flight:
+            rollout = _rollout(c)
+            if not rollout.done:
+                counts[(c.variant, rollout.si)] += len(c.rows)
+        return dict(counts)
+
+
+def _rollout(cohort: Cohort) -> Rollout:
+    assert cohort.rollout is not None, "a cohort in flight has its rollout"
+    return cohort.rollout
