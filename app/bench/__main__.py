@@ -1,7 +1,8 @@
-"""`python -m app.bench [serve|load|kernels|decoder|attention] ...`: the offline benchmark, with `serve` the serving
-benchmark, with `load` the load and soak test (`app.bench.load`), with `kernels` each layer kind's kernel
+"""`python -m app.bench [serve|load|kernels|decoder|attention|policies] ...`: the offline benchmark, with `serve`
+the serving benchmark, with `load` the load and soak test (`app.bench.load`), with `kernels` each layer kind's kernel
 options side by side (`app.bench.kernels`), with `decoder` the VQVAE decoder's forms side by side
-(`app.bench.decoder`), with `attention` windowed attention against dense per scale (`app.bench.attention`)."""
+(`app.bench.decoder`), with `attention` windowed attention against dense per scale (`app.bench.attention`), with
+`policies` the whole and scale batching policies under the same load (`app.bench.policies`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         return load.main(argv[1:])
     if argv[:1] == ["kernels"]:
         return kernels.main(argv[1:])
+    if argv[:1] == ["policies"]:
+        from app.bench import policies  # imported on use, as attention
+
+        return policies.main(argv[1:])
     if argv[:1] == ["decoder"]:
         return decoder.main(argv[1:])
     if argv[:1] == ["attention"]:

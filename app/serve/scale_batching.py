@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.model.kv_cache import KVLease, KVPool
+from app.model.memory import peak_above_start
 from app.model.rollout import Rollout
 from app.model.timing import Stage, StageTimer
 from app.serve.batching import BatchRow, next_batch
@@ -65,6 +66,7 @@ class StepOutcome:
     finished: list[tuple[Cohort, BatchOutput]] = field(default_factory=list)
     failed: list[tuple[Cohort, Exception]] = field(default_factory=list)
     seconds: float = 0.0
+    peak_bytes: int | None = None  # `peak_above_start` of the step
 
 
 class ScaleBatching:
@@ -153,12 +155,20 @@ class ScaleBatching:
         e.watchdog.batch_started("step", self.rows_in_flight())
         done = False
         try:
-            outcome = await asyncio.get_running_loop().run_in_executor(e._executor, self._compute, plan)
+            outcome = await asyncio.get_running_loop().run_in_executor(e._executor, self._measured, plan)
             done = True
         finally:
             e.watchdog.batch_ended(done)
         if e.metrics:
+            for variant in {c.variant for c in self.flight} | {c.variant for c, _ in outcome.finished}:
+                e.metrics.record_memory(variant, self.pools[variant].nbytes(), outcome.peak_bytes)
             e.metrics.record_step(outcome.seconds, sum(len(c.rows) for c in plan.joining), self._by_scale())
+        return outcome
+
+    def _measured(self, plan: StepPlan) -> StepOutcome:
+        with peak_above_start(next(iter(self.engine.pipelines.values())).device) as peak:
+            outcome = self._compute(plan)
+        outcome.peak_bytes = peak.bytes
         return outcome
 
     def _compute(self, plan: StepPlan) -> StepOutcome:
