@@ -44,7 +44,7 @@ class ServeSettings(BaseSettings):
         "avx512_bf16, amx; empty: the CPU's own)",
     )
     batching: Literal["whole", "scale"] = Field(
-        default="scale",
+        default="whole",
         description="whole: a batch runs all its scales before the next starts; scale: requests join the running "
         "generation at the next scale (docs/serving.md#batching-policies)",
     )
