@@ -94,8 +94,9 @@ class ScaleBatching:
             now = time.monotonic()
             e._expire_queued(now)
             plan = StepPlan(self._leaving(), self._admit(now))
-            if not self.flight and not plan.leaving:
-                wait = next_batch(e._queue, now, e._limit.current, e.max_wait_s).wait_s
+            if not self.flight and not plan.leaving:  # idle: until a request arrives or the oldest is due
+                oldest = min((p.arrived for p in e._queue if p.rows_waiting), default=None)
+                wait = None if oldest is None else max(0.0, oldest + e.max_wait_s - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(e._wakeup.wait(), wait)
                 continue
