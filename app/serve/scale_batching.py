@@ -14,7 +14,9 @@ batch limit, in rows in flight) and retires the finished ones:
   leaves its cohort at the next boundary, and its cache rows go back to the pool;
 - a cohort that raises fails no one at first: its rows start again, each alone and stepped alone, and only a
   row that fails alone fails its request (the `whole` policy's retry, per row);
-- images are decoded in the step in which their cohort finishes.
+- images are decoded in the step in which their cohort finishes, or (`overlap_decode`) in a thread of their
+  own while the next step runs: the cohort's cache rows return to the pool at once, and the decode runs on a
+  core that torch's threads leave free (where one is: the server's default on the CPU leaves one).
 
 Every row computes exactly what it computes alone (the model's batch invariance, tested through the API), so
 the policy changes when an image is ready, never which image.
@@ -27,18 +29,17 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from app.model.kv_cache import KVLease, KVPool
 from app.model.memory import peak_above_start
 from app.model.rollout import Rollout
 from app.model.timing import Stage, StageTimer
 from app.serve.batching import BatchRow, next_batch
-from app.serve.worker import BatchOutput, finite_rows, free_memory, out_of_memory
-
-if TYPE_CHECKING:
-    from app.serve.engine import Engine
+from app.serve.engine_core import EngineCore
+from app.serve.watchdog import Watchdog
+from app.serve.worker import BatchOutput, finite_rows, out_of_memory
 
 
 @dataclass(eq=False)
@@ -64,6 +65,7 @@ class StepPlan:
 @dataclass
 class StepOutcome:
     finished: list[tuple[Cohort, BatchOutput]] = field(default_factory=list)
+    to_decode: list[Cohort] = field(default_factory=list)  # with overlap_decode: finished, not yet decoded
     failed: list[tuple[Cohort, Exception]] = field(default_factory=list)
     seconds: float = 0.0
     peak_bytes: int | None = None  # `peak_above_start` of the step
@@ -72,33 +74,44 @@ class StepOutcome:
 class ScaleBatching:
     """The engine's scheduler under the `scale` policy; state on the event loop, tensors in the worker."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, core: EngineCore, overlap_decode: bool = False):
+        self.core = core
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="var-decode") if overlap_decode else None
+        self.decode_watchdog = Watchdog(core.watchdog.floor_s)  # a decode stuck in its thread is unhealthy too
+        self._decoding: set[asyncio.Task[None]] = set()
         self.pools: dict[str, KVPool] = {
-            name: pipe.new_pool(engine.max_batch_size) for name, pipe in engine.pipelines.items()
+            name: pipe.new_pool(core.max_batch_size) for name, pipe in core.pipelines.items()
         }
         self.flight: list[Cohort] = []
         self.retries: list[BatchRow] = []  # rows of failed cohorts, to start again alone
-        if engine.metrics:
+        if core.metrics:
             for name, pool in self.pools.items():
-                engine.metrics.record_memory(name, pool.nbytes(), None)
+                core.metrics.record_memory(name, pool.nbytes(), None)
+
+    def generation_s(self) -> float:
+        """The running estimate of one generation's seconds (for Retry-After): a step's times the scales."""
+        return self.core.watchdog.batch_s * max(len(p.steps) for p in self.core.pipelines.values())
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def rows_in_flight(self, variant: str | None = None) -> int:
         return sum(len(c.rows) for c in self.flight if variant is None or c.variant == variant)
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        e = self.engine
+        e = self.core
         while True:
-            e._wakeup.clear()
+            e.wakeup.clear()
             now = time.monotonic()
-            e._expire_queued(now)
+            e.expire_queued(now)
             plan = StepPlan(self._leaving(), self._admit(now))
             if not self.flight and not plan.leaving:  # idle: until a request arrives or the oldest is due
-                oldest = min((p.arrived for p in e._queue if p.rows_waiting), default=None)
+                oldest = min((p.arrived for p in e.queue if p.rows_waiting), default=None)
                 wait = None if oldest is None else max(0.0, oldest + e.max_wait_s - now)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(e._wakeup.wait(), wait)
+                    await asyncio.wait_for(e.wakeup.wait(), wait)
                 continue
             outcome = await self._step(plan)
             await self._settle(outcome)
@@ -107,7 +120,7 @@ class ScaleBatching:
         """Cohorts with rows no longer awaited: those rows leave (the whole cohort when none is left)."""
         leaving = []
         for c in list(self.flight):
-            keep = [i for i, r in enumerate(c.rows) if r.pending in self.engine._futures]
+            keep = [i for i, r in enumerate(c.rows) if r.pending in self.core.futures]
             if len(keep) == len(c.rows):
                 continue
             c.rows = [c.rows[i] for i in keep]
@@ -120,15 +133,15 @@ class ScaleBatching:
         """Retries first, each alone; then the queue's due rows, one cohort per variant and pool run, while
         rows in flight stay within the batch limit. Cache rows are leased here (the worker is idle between
         steps); a cohort's rollout starts in the worker."""
-        e = self.engine
+        e = self.core
         joining: list[Cohort] = []
-        while self.retries and self.rows_in_flight() < e._limit.current:
+        while self.retries and self.rows_in_flight() < e.limit.current:
             row = self.retries[0]
-            if row.pending in e._futures and not self._join(Cohort(row.pending.variant, [row], retry=False), joining):
+            if row.pending in e.futures and not self._join(Cohort(row.pending.variant, [row], retry=False), joining):
                 break  # no room in the pool: it waits for a cohort to finish
             self.retries.pop(0)
-        while (room := e._limit.current - self.rows_in_flight()) > 0:
-            rows = next_batch(e._queue, now, room, e.max_wait_s).rows
+        while (room := e.limit.current - self.rows_in_flight()) > 0:
+            rows = next_batch(e.queue, now, room, e.max_wait_s).rows
             if not rows:
                 break
             variant = rows[0].pending.variant
@@ -137,7 +150,7 @@ class ScaleBatching:
                 r.pending.next_row -= 1
             if not fits or not self._join(Cohort(variant, rows[:fits], retry=True), joining):
                 break
-        e._queue = [p for p in e._queue if p.rows_waiting]
+        e.queue = [p for p in e.queue if p.rows_waiting]
         return joining
 
     def _join(self, cohort: Cohort, joining: list[Cohort]) -> bool:
@@ -145,18 +158,18 @@ class ScaleBatching:
         if lease is None:
             return False
         cohort.lease = lease
-        self.engine._mark_started([r.pending for r in cohort.rows])
+        self.core.mark_started([r.pending for r in cohort.rows])
         self.flight.append(cohort)
         joining.append(cohort)
         return True
 
     # ---- one step, in the worker thread -------------------------------------------------------------
     async def _step(self, plan: StepPlan) -> StepOutcome:
-        e = self.engine
+        e = self.core
         e.watchdog.batch_started("step", self.rows_in_flight())
         done = False
         try:
-            outcome = await asyncio.get_running_loop().run_in_executor(e._executor, self._measured, plan)
+            outcome = await asyncio.get_running_loop().run_in_executor(e.executor, self._measured, plan)
             done = True
         finally:
             e.watchdog.batch_ended(done)
@@ -167,7 +180,7 @@ class ScaleBatching:
         return outcome
 
     def _measured(self, plan: StepPlan) -> StepOutcome:
-        with peak_above_start(next(iter(self.engine.pipelines.values())).device) as peak:
+        with peak_above_start(next(iter(self.core.pipelines.values())).device) as peak:
             outcome = self._compute(plan)
         outcome.peak_bytes = peak.bytes
         return outcome
@@ -186,19 +199,24 @@ class ScaleBatching:
                 self._start(cohort)
             except Exception as error:
                 outcome.failed.append((cohort, error))
-        timer = StageTimer(next(iter(self.engine.pipelines.values())).device)
+        timer = StageTimer(next(iter(self.core.pipelines.values())).device)
         starting = {c for c, _ in outcome.failed}
         for variant in dict.fromkeys(c.variant for c in self.flight):
             cohorts = [c for c in self.flight if c.variant == variant and c not in starting]
             groups = [[c for c in cohorts if c.retry]] + [[c] for c in cohorts if not c.retry]  # retries alone
             for group in filter(None, groups):
                 try:
-                    self.engine.pipelines[variant].step_all([_rollout(c) for c in group], timer)
+                    self.core.pipelines[variant].step_all([_rollout(c) for c in group], timer)
                 except Exception as error:
                     outcome.failed += [(c, error) for c in group]
         failed = {c for c, _ in outcome.failed}
         for c in self.flight:
-            if c not in failed and _rollout(c).done:
+            if c in failed or not _rollout(c).done:
+                continue
+            if self._decoder is not None:
+                _rollout(c).release()  # the decode needs only the latent
+                outcome.to_decode.append(c)
+            else:
                 try:
                     outcome.finished.append((c, self._images(c, timer)))
                 except Exception as error:
@@ -217,7 +235,7 @@ class ScaleBatching:
 
     def _start(self, cohort: Cohort) -> None:
         requests = [r.pending.request for r in cohort.rows]
-        cohort.rollout = self.engine.pipelines[cohort.variant].start(
+        cohort.rollout = self.core.pipelines[cohort.variant].start(
             [q.class_label for q in requests],
             [q.params for q in requests],
             seeds=[r.pending.request.seeds[r.row] for r in cohort.rows],
@@ -225,36 +243,68 @@ class ScaleBatching:
         )
         cohort.lease = None  # the rollout's now
 
+    def _watched_images(self, cohort: Cohort, timer: StageTimer) -> BatchOutput:
+        """`_images` in the decode thread, under the decode watchdog."""
+        self.decode_watchdog.batch_started(f"{cohort.variant} decode", len(cohort.rows))
+        done = False
+        try:
+            out = self._images(cohort, timer)
+            done = True
+            return out
+        finally:
+            self.decode_watchdog.batch_ended(done)
+
     def _images(self, cohort: Cohort, timer: StageTimer) -> BatchOutput:
         rollout = _rollout(cohort)
-        images = self.engine.pipelines[cohort.variant].finish(rollout, timer).float().cpu()
-        if self.engine._fault is not None:
-            images = self.engine._fault(cohort.rows, images)
+        images = self.core.pipelines[cohort.variant].finish(rollout, timer).float().cpu()
+        if self.core.fault is not None:
+            images = self.core.fault(cohort.rows, images)
         return BatchOutput(images, {}, rollout.cache_bytes, None, finite_rows(images))
 
     # ---- after the step, on the event loop ----------------------------------------------------------
     async def _settle(self, outcome: StepOutcome) -> None:
-        e = self.engine
         for cohort, out in outcome.finished:
             self.flight.remove(cohort)
-            e._limit.batch_done()
-            if e.metrics:
-                e.metrics.record_batch(cohort.variant, len(cohort.rows), cohort.stage_s)
-            e._deliver(cohort.variant, cohort.rows, dataclasses.replace(out, stage_s=cohort.stage_s))
+            self._deliver(cohort, out)
+        for cohort in outcome.to_decode:
+            self.flight.remove(cohort)
+            task = asyncio.get_running_loop().create_task(self._decode(cohort))
+            self._decoding.add(task)
+            task.add_done_callback(self._decoding.discard)
         for cohort, error in outcome.failed:
             self.flight.remove(cohort)
-            if out_of_memory(error):
-                e._limit.out_of_memory(self.rows_in_flight() + len(cohort.rows))
-                if e.metrics:
-                    e.metrics.oom.labels(cohort.variant).inc()
-                error.__traceback__ = None  # its frames hold the failed step's tensors
-                device = e.pipelines[cohort.variant].device
-                await asyncio.get_running_loop().run_in_executor(e._executor, free_memory, device)
-            if cohort.retry:
-                e._log_failure(cohort.variant, cohort.rows, error, "retrying each image alone")
-                self.retries += cohort.rows
-            else:
-                e._fail(cohort.variant, cohort.rows, error)
+            await self._failed(cohort, error)
+
+    async def _decode(self, cohort: Cohort) -> None:
+        """A finished cohort's images, decoded in the decode thread while the next step runs."""
+        assert self._decoder is not None
+        timer = StageTimer(self.core.pipelines[cohort.variant].device)
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._decoder, self._watched_images, cohort, timer)
+        except Exception as error:
+            await self._failed(cohort, error)
+            return
+        for k, v in timer.stage_seconds().items():
+            cohort.stage_s[k] = cohort.stage_s.get(k, 0.0) + v
+        self._deliver(cohort, out)
+
+    def _deliver(self, cohort: Cohort, out: BatchOutput) -> None:
+        e = self.core
+        e.limit.batch_done()
+        if e.metrics:
+            e.metrics.record_batch(cohort.variant, len(cohort.rows), cohort.stage_s)
+        e.deliver(cohort.variant, cohort.rows, dataclasses.replace(out, stage_s=cohort.stage_s))
+
+    async def _failed(self, cohort: Cohort, error: Exception) -> None:
+        e = self.core
+        if out_of_memory(error):
+            await e.after_out_of_memory(cohort.variant, self.rows_in_flight() + len(cohort.rows), error)
+        if cohort.retry:
+            e.log_failure(cohort.variant, cohort.rows, error, "retrying each image alone")
+            self.retries += cohort.rows
+            e.wakeup.set()  # a retry may be all there is to do
+        else:
+            e.fail(cohort.variant, cohort.rows, error)
 
     def _by_scale(self) -> dict[tuple[str, int], int]:
         """Rows in flight per (variant, scale they run next)."""

@@ -91,6 +91,7 @@ class Service:
                 metrics=self.metrics,
                 watchdog_s=s.watchdog_s,
                 policy=s.batching,
+                overlap_decode=s.overlap_decode,
             )
             self.engine = engine
             self._describe(model)

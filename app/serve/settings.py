@@ -48,6 +48,10 @@ class ServeSettings(BaseSettings):
         description="whole: a batch runs all its scales before the next starts; scale: requests join the running "
         "generation at the next scale (docs/serving.md#batching-policies)",
     )
+    overlap_decode: bool = Field(
+        default=False,
+        description="scale policy: decode finished images in a thread of their own while the next step runs",
+    )
     max_batch_size: int = Field(
         default=8, ge=1, le=256, description="most images computed in one batch (scale: in flight at once)"
     )

@@ -16,9 +16,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import app.serve.engine as engine_module
 import app.serve.scale_batching as scale_batching_module
 import app.serve.service as service_module
+import app.serve.whole_batching as whole_batching_module
 from app.bench.served import start_server
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
@@ -79,11 +79,17 @@ def wait_ready(client: TestClient, limit_s: float = 120) -> None:
 POLICY = {"name": "whole"}  # the batching policy of engines that tests make; the `policy` fixture sets it
 
 
-@pytest.fixture(params=POLICIES)
+@pytest.fixture(params=[*POLICIES, "scale+overlap"])
 def policy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test under each batching policy (`POLICY`)."""
+    """Runs a test under each batching policy (`POLICY`); `scale+overlap`: scale with decoding overlapped."""
     monkeypatch.setitem(POLICY, "name", request.param)
     return str(request.param)
+
+
+def policy_settings() -> dict[str, Any]:
+    """The Engine arguments of `POLICY`."""
+    name, _, overlap = POLICY["name"].partition("+")
+    return {"policy": name, "overlap_decode": overlap == "overlap"}
 
 
 class Recording:
@@ -213,12 +219,12 @@ def gated_load(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 def crash_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's scheduler raises "injected scheduler bug" as soon as anything is queued."""
-    real = engine_module.next_batch
+    real = whole_batching_module.next_batch
 
     def crashing(queue: list[Any], *args: Any, **kwargs: Any) -> Any:
         if queue:
             raise RuntimeError("injected scheduler bug")
         return real(queue, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "next_batch", crashing)
+    monkeypatch.setattr(whole_batching_module, "next_batch", crashing)
     monkeypatch.setattr(scale_batching_module, "next_batch", crashing)

@@ -16,7 +16,7 @@ from app.model.sampling import SamplingParams
 from app.serve.batching import BatchFailed, DeadlineExceeded, GenerationRequest, NotAccepting, QueueFull
 from app.serve.engine import Engine, Pipeline
 from app.serve.metrics import ServeMetrics
-from tests.serve.conftest import POLICY, Failing, Gated, Recording
+from tests.serve.conftest import Failing, Gated, Recording, policy_settings
 
 T = TypeVar("T")
 FAST = SamplingParams(cfg=1.5, top_k=0, top_p=0.0)
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("policy")  # every test runs under each bat
 
 
 def engine(pipes: Mapping[str, Pipeline], **kw: Any) -> Engine:
-    values = {"max_batch_size": 4, "max_wait_s": 0.0, "queue_capacity": 16, "policy": POLICY["name"]} | kw
+    values = {"max_batch_size": 4, "max_wait_s": 0.0, "queue_capacity": 16} | policy_settings() | kw
     e = Engine(pipes, **values)
     e.start()
     return e

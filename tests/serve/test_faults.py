@@ -24,7 +24,7 @@ from app.serve.batching import (
 )
 from app.serve.engine import Engine, Fault
 from app.serve.metrics import ServeMetrics
-from tests.serve.conftest import POLICY, Recording, crash_the_scheduler
+from tests.serve.conftest import Recording, crash_the_scheduler, policy_settings
 from tests.serve.test_engine import FAST, request
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ def seeds_of(rows: list[BatchRow]) -> list[int]:
 
 
 def started(pipe: Recording, fault: Fault, metrics: ServeMetrics | None = None, **kw: Any) -> Engine:
-    values = {"max_batch_size": 3, "max_wait_s": 60.0, "queue_capacity": 16, "policy": POLICY["name"]} | kw
+    values = {"max_batch_size": 3, "max_wait_s": 60.0, "queue_capacity": 16} | policy_settings() | kw
     e = Engine({"baseline": pipe}, metrics=metrics, fault=fault, **values)
     e.start()
     return e
@@ -149,7 +149,7 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_batch_limit_for_a_while(d
     assert sample(metrics, "var_batch_limit_images") == 4
 
 
-@pytest.mark.parametrize("policy", ["scale"], indirect=True)
+@pytest.mark.parametrize("policy", ["scale", "scale+overlap"], indirect=True)
 def test_out_of_memory_in_flight_lowers_the_limit_and_retries_each_image_alone(demo_pipeline: VARPipeline) -> None:
     rec = Recording(demo_pipeline)
     metrics = ServeMetrics(["baseline"], 4, 16)

@@ -20,10 +20,11 @@ from app.model.checkpoint import load_folder
 from app.model.pipeline import VARPipeline
 from app.model.rollout import Rollout
 from app.model.timing import StageTimer
-from app.serve.batching import DeadlineExceeded
+from app.serve.batching import BatchRow, DeadlineExceeded
 from app.serve.encoding import encode_images
 from app.serve.engine import Engine
 from app.serve.metrics import ServeMetrics
+from app.serve.scale_batching import ScaleBatching
 from tests.conftest import DEMO
 from tests.serve.conftest import Recording, serve_settings, serving
 from tests.serve.test_engine import FAST, request, run
@@ -96,8 +97,8 @@ def test_a_deadline_passing_mid_generation_frees_the_rows_cache_and_its_cohort_g
             raise AssertionError("the short request was answered")
         except DeadlineExceeded as error:
             expired: BaseException = error
-        assert e._scale is not None
-        pool = e._scale.pools["baseline"]
+        assert isinstance(e.batching, ScaleBatching)
+        pool = e.batching.pools["baseline"]
         pausing.resume.set()
         result = await kept
         free_after = pool.free_rows
@@ -162,3 +163,45 @@ def test_through_the_api_requests_arriving_during_generations_join_them_bitwise_
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
     steps = len(pipes["baseline"].steps)
     assert samples["var_step_duration_seconds_count"] < steps * len(bodies)  # generations overlapped
+
+
+class SignalsDone(Recording):
+    """Sets `done` once a rollout holding the class `label` has run its last scale."""
+
+    def __init__(self, pipe: VARPipeline, label: int):
+        super().__init__(pipe)
+        self.label, self.done = label, threading.Event()
+
+    def step_all(self, rollouts: Sequence[Rollout], timer: StageTimer) -> None:
+        super().step_all(rollouts, timer)
+        if any(r.done and self.label in self.labels[id(r)] for r in rollouts):
+            self.done.set()
+
+
+def test_with_decoding_overlapped_the_next_steps_run_while_a_cohort_decodes(demo_pipeline: VARPipeline) -> None:
+    """The first image's decode is held; the second, admitted meanwhile, runs all its scales before the hold
+    ends (its decode then waits its turn in the one decode thread). Both equal their requests alone."""
+    hold, decoding = threading.Event(), threading.Event()
+    signals = SignalsDone(demo_pipeline, label=2)
+
+    def held(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
+        if rows[0].pending.request.seeds == (10,):
+            decoding.set()
+            assert hold.wait(30), "never released"
+        return images
+
+    async def scenario() -> tuple[bool, list[Any]]:
+        e = scale_engine(signals, fault=held, overlap_decode=True)
+        first = asyncio.create_task(e.generate(request(1, (10,))))
+        assert await asyncio.to_thread(decoding.wait, 30)
+        second = asyncio.create_task(e.generate(request(2, (20,))))
+        stepped = await asyncio.to_thread(signals.done.wait, 30)  # all its scales while the first is held
+        hold.set()
+        results = list(await asyncio.gather(first, second))
+        await e.stop()
+        return stepped, results
+
+    stepped, (first, second) = run(scenario())
+    assert stepped
+    assert torch.equal(first.images[0], alone(demo_pipeline, 1, 10))
+    assert torch.equal(second.images[0], alone(demo_pipeline, 2, 20))
