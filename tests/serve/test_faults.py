@@ -116,15 +116,17 @@ def test_non_finite_pixels_fail_their_request_and_never_reach_an_answer(
     assert sample(metrics, "var_nonfinite_images_total", variant="baseline") == 1
 
 
+def small_memory(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
+    """A fault: any batch (cohort) of more than two images runs out of memory."""
+    if len(rows) > 2:
+        raise MemoryError(f"injected: no memory for {len(rows)} images")
+    return images
+
+
 @pytest.mark.parametrize("policy", ["whole"], indirect=True)  # splitting in halves is the whole policy's
 def test_out_of_memory_splits_the_batch_and_lowers_the_batch_limit_for_a_while(demo_pipeline: VARPipeline) -> None:
     rec = Recording(demo_pipeline)
     metrics = ServeMetrics(["baseline"], 4, 16)
-
-    def small_memory(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
-        if len(rows) > 2:
-            raise MemoryError(f"injected: no memory for {len(rows)} images")
-        return images
 
     async def scenario() -> tuple[list[Any], list[int]]:
         # the four requests are queued before the scheduler runs: one batch of 4, which runs out of memory
@@ -153,11 +155,6 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_batch_limit_for_a_while(d
 def test_out_of_memory_in_flight_lowers_the_limit_and_retries_each_image_alone(demo_pipeline: VARPipeline) -> None:
     rec = Recording(demo_pipeline)
     metrics = ServeMetrics(["baseline"], 4, 16)
-
-    def small_memory(rows: list[BatchRow], images: torch.Tensor) -> torch.Tensor:
-        if len(rows) > 2:
-            raise MemoryError(f"injected: no memory for {len(rows)} images")
-        return images
 
     async def scenario() -> tuple[list[Any], int]:
         # queued before the scheduler runs: one cohort of 4, which runs out of memory when decoded
