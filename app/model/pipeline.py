@@ -109,6 +109,7 @@ class VARPipeline:
         images = self.finish(rollout, timer)
         return Generation(images, rollout.tokens, rollout.f_hat, rollout.seeds, rollout.cache_bytes)
 
+    @torch.inference_mode()
     def start(
         self,
         labels: Sequence[int] | torch.Tensor,

@@ -149,6 +149,7 @@ class Rollout:
         return x_BlC.repeat(2, 1, 1) if step.guided else x_BlC  # the guidance half sees the same tokens
 
     # ---- rows leaving -------------------------------------------------------------------------------
+    @torch.inference_mode()
     def keep_rows(self, keep: list[int]) -> None:
         """Only rows `keep` (indices in [0, B), in order) go on; the others' cache rows are freed. The kept rows
         compute exactly what they would have: every row's arithmetic is its own (batch invariance)."""
