@@ -198,7 +198,7 @@ def flat_tokens(groups: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unflat_tokens(tokens: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`_flat`'s inverse for tokens of any width: (T, N) -> per group (rows, l, N), views."""
+    """`flat_tokens`'s inverse for tokens of any width: (T, N) -> per group (rows, l, N), views."""
     sizes = [g.shape[0] * g.shape[1] for g in like]
     return [t.view(g.shape[0], g.shape[1], -1) for t, g in zip(tokens.split(sizes), like, strict=True)]
 

@@ -163,7 +163,7 @@ class KVPool:
                 return KVLease(self, start, rows)
         return None
 
-    def _free(self, start: int, rows: int) -> None:
+    def free(self, start: int, rows: int) -> None:
         assert all(self._taken[start : start + rows]), "freeing rows not leased"
         self._taken[start : start + rows] = [False] * rows
 
@@ -184,7 +184,7 @@ class KVLease:
     def shrink(self, rows: int) -> None:
         """Keep the first `rows` rows; the rest return to the pool."""
         assert 0 <= rows <= self.rows
-        self.pool._free(self.start + rows, self.rows - rows)
+        self.pool.free(self.start + rows, self.rows - rows)
         self.rows = rows
 
     def release(self) -> None:
