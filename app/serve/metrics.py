@@ -112,7 +112,9 @@ class ServeMetrics:
         self.requests = Counter("var_requests_total", "answered POST /generate", ["variant", "status"], registry=r)
         self.rejections = Counter("var_rejections_total", "requests not served, by reason", ["reason"], registry=r)
         self.images_generated = Counter("var_images_generated_total", "images computed", ["variant"], registry=r)
-        self.batch_failures = Counter("var_batch_failures_total", "batches that raised", ["variant"], registry=r)
+        self.batch_failures = Counter(
+            "var_batch_failures_total", "batches (scale policy: cohorts) that raised", ["variant"], registry=r
+        )
         self.queue_depth = Gauge("var_queue_depth_images", "images waiting for a batch", ["variant"], registry=r)
         self.inflight = Gauge(
             "var_inflight_images", "images being computed (in the batch, or in flight)", ["variant"], registry=r
@@ -155,7 +157,11 @@ class ServeMetrics:
             registry=r,
         )
         self.oom = Counter(
-            "var_oom_total", "batches that ran out of memory (each was split in halves)", ["variant"], registry=r
+            "var_oom_total",
+            "batches (scale policy: cohorts) that ran out of memory; whole splits them in halves, "
+            "scale retries each image alone",
+            ["variant"],
+            registry=r,
         )
         self.batch_limit = Gauge(
             "var_batch_limit_images",
