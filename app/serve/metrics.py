@@ -213,7 +213,6 @@ class ServeMetrics:
         """One step of the scale policy; `by_scale`: images in flight per (variant, next scale) after it."""
         self.step_seconds.observe(seconds)
         self.rows_admitted.observe(admitted)
-        self.rows_by_scale.clear()
         for (variant, scale), n in by_scale.items():
             self.rows_by_scale.labels(variant, str(scale)).set(n)
 

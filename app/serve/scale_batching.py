@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -307,13 +306,13 @@ class ScaleBatching:
             e.fail(cohort.variant, cohort.rows, error)
 
     def _by_scale(self) -> dict[tuple[str, int], int]:
-        """Rows in flight per (variant, scale they run next)."""
-        counts: Counter[tuple[str, int]] = Counter()
+        """Images in flight per (variant, scale they run next), zeros included (no gaps in a dashboard)."""
+        counts = {(v, si): 0 for v, pipe in self.core.pipelines.items() for si in range(len(pipe.steps))}
         for c in self.flight:
             rollout = _rollout(c)
             if not rollout.done:
                 counts[(c.variant, rollout.si)] += len(c.rows)
-        return dict(counts)
+        return counts
 
 
 def _rollout(cohort: Cohort) -> Rollout:

@@ -54,6 +54,7 @@ SERVER_ENV = {
     "VAR_MODEL_DIR": str(ROOT / "model_store" / "demo"),
     "VAR_VARIANTS": ",".join(VARIANTS),
     "VAR_MAX_BATCH_SIZE": "2",
+    "VAR_BATCHING": "scale",  # the scale policy's panels need its series; batches are observed under both
     "VAR_WARMUP": "true",  # batch sizes 1 and 2 of two variants: under a second, and fills the memory gauges
     "VAR_QUEUE_CAPACITY": str(QUEUE_CAPACITY),
     "VAR_MAX_IMAGES_PER_REQUEST": str(QUEUE_CAPACITY),
