@@ -58,11 +58,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def make_engine(pipes: dict[str, VARPipeline], policy: str, max_batch_size: int) -> Engine:
+def make_engine(pipes: dict[str, VARPipeline], policy: str, max_batch_size: int, max_wait_s: float) -> Engine:
     """`policy` is a batching policy, `scale+overlap` the scale policy with decoding overlapped."""
     name, _, overlap = policy.partition("+")
     return Engine(
-        pipes, max_batch_size=max_batch_size, max_wait_s=0.005, queue_capacity=100_000, policy=name,
+        pipes, max_batch_size=max_batch_size, max_wait_s=max_wait_s, queue_capacity=100_000, policy=name,
         overlap_decode=overlap == "overlap",
     )  # fmt: skip
 
@@ -114,10 +114,10 @@ async def drive(
 
 
 def measure(pipes: dict[str, VARPipeline], policy: str, level: float, requests: list[GenerationRequest],
-            arrivals: list[float] | None, max_batch_size: int) -> Run:  # fmt: skip
+            arrivals: list[float] | None, a: argparse.Namespace) -> Run:  # fmt: skip
     """One fresh engine under `policy`; `arrivals` None: closed loop, two batches' worth of clients."""
-    engine = make_engine(pipes, policy, max_batch_size)
-    latencies, waits, span = asyncio.run(drive(engine, requests, arrivals, 2 * max_batch_size))
+    engine = make_engine(pipes, policy, a.max_batch_size, a.max_wait_ms / 1000)
+    latencies, waits, span = asyncio.run(drive(engine, requests, arrivals, 2 * a.max_batch_size))
     return Run(
         policy, level, len(requests), len(requests) / span,
         percentile(latencies, 0.5), percentile(latencies, 0.95), percentile(latencies, 0.99),
@@ -148,6 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", help="a preset's shape with random weights (e.g. d16) instead of --model-dir")
     ap.add_argument("--variants", default="baseline,litevar")
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="the engine's max_wait_ms (the server's default)")
     ap.add_argument("--policies", default="whole,scale,scale+overlap", help="whole first: the reference")
     ap.add_argument("--levels", default="0.5,0.9", help="offered loads, times the whole policy's capacity")
     ap.add_argument("--requests", type=int, default=200, help="per level and policy")
@@ -179,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     warm = batch(2 * a.max_batch_size, a.seed)  # allocator, kernels, pools: paid before anything is timed
     for policy in a.policy_list:
-        measure(pipes, policy, 0.0, warm, None, a.max_batch_size)
+        measure(pipes, policy, 0.0, warm, None, a)
     closed = batch(a.capacity_requests, a.seed + 1)
     for policy in a.policy_list:
-        runs.append(measure(pipes, policy, 0.0, closed, None, a.max_batch_size))
+        runs.append(measure(pipes, policy, 0.0, closed, None, a))
         print(f"capacity {policy}: {runs[-1].images_per_s:.2f} images/s", file=sys.stderr)
     capacity = a.capacity or runs[0].images_per_s
     for level in a.level_list:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         reqs, arrivals = batch(a.requests, a.seed + 2), poisson(level * capacity, a.requests, rng)
         for r in range(a.repeats):
             for policy in a.policy_list if r % 2 == 0 else a.policy_list[::-1]:
-                runs.append(measure(pipes, policy, level, reqs, arrivals, a.max_batch_size))
+                runs.append(measure(pipes, policy, level, reqs, arrivals, a))
                 print(f"level {level} {policy}: p99 {runs[-1].p99_s:.3f} s", file=sys.stderr)
     print_table(runs, capacity, a)
     if a.json:
@@ -211,6 +212,7 @@ def median_run(runs: list[Run], policy: str, level: float) -> Run:
 def print_table(runs: list[Run], capacity: float, a: argparse.Namespace) -> None:
     shape = a.preset or str(a.model_dir)
     print(f"{shape}, variants {','.join(a.variant_list)}, max_batch_size {a.max_batch_size}, "
+          f"max_wait_ms {a.max_wait_ms:g}, "
           f"torch threads {a.threads}; whole capacity {capacity:.2f} images/s")  # fmt: skip
     print(f"{'load':>9} {'policy':>13} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} "
           f"{'first step p50':>14} {'p95':>7} | {'p99 vs whole':>12} {'img/s vs whole':>14}")  # fmt: skip
