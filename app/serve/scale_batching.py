@@ -309,9 +309,8 @@ class ScaleBatching:
         """Images in flight per (variant, scale they run next), zeros included (no gaps in a dashboard)."""
         counts = {(v, si): 0 for v, pipe in self.core.pipelines.items() for si in range(len(pipe.steps))}
         for c in self.flight:
-            rollout = _rollout(c)
-            if not rollout.done:
-                counts[(c.variant, rollout.si)] += len(c.rows)
+            if c.rollout is not None and not c.rollout.done:  # None: its start failed this step
+                counts[(c.variant, c.rollout.si)] += len(c.rows)
         return counts
 
 

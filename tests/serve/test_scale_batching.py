@@ -17,10 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
+from app.model.kv_cache import KVLease
 from app.model.pipeline import VARPipeline
 from app.model.rollout import Rollout
+from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
-from app.serve.batching import BatchRow, DeadlineExceeded
+from app.serve.batching import BatchFailed, BatchRow, DeadlineExceeded
 from app.serve.encoding import encode_images
 from app.serve.engine import Engine
 from app.serve.metrics import ServeMetrics
@@ -205,3 +207,39 @@ def test_with_decoding_overlapped_the_next_steps_run_while_a_cohort_decodes(demo
     assert stepped
     assert torch.equal(first.images[0], alone(demo_pipeline, 1, 10))
     assert torch.equal(second.images[0], alone(demo_pipeline, 2, 20))
+
+
+class FailingStart(Recording):
+    """Starting a rollout that holds the class `bad_label` raises."""
+
+    def __init__(self, pipe: VARPipeline, bad_label: int):
+        super().__init__(pipe)
+        self.bad_label = bad_label
+
+    def start(
+        self, labels: list[int], params: list[SamplingParams], *, seeds: list[int], lease: KVLease | None
+    ) -> Rollout:
+        if self.bad_label in labels:
+            raise RuntimeError(f"simulated failure starting class {self.bad_label}")
+        return super().start(labels, params, seeds=seeds, lease=lease)
+
+
+def test_a_cohort_that_fails_to_start_fails_only_the_request_that_fails_alone(demo_pipeline: VARPipeline) -> None:
+    failing = FailingStart(demo_pipeline, bad_label=9)
+    metrics = ServeMetrics(["baseline"], 4, 16)
+
+    async def scenario() -> list[Any]:
+        e = scale_engine(failing, metrics=metrics, max_wait_s=60.0, max_batch_size=2)  # one cohort of the two
+        outcomes = await asyncio.gather(
+            e.generate(request(9, (1,))), e.generate(request(1, (2,))), return_exceptions=True
+        )
+        after = await e.generate(request(3, (3, 4)))  # two images: a full cohort starts at once
+        healthy = e.health() is None
+        await e.stop()
+        return [*outcomes, after, healthy]
+
+    bad, good, after, healthy = run(scenario())
+    assert isinstance(bad, BatchFailed) and healthy
+    assert torch.equal(good.images[0], alone(demo_pipeline, 1, 2))
+    assert torch.equal(after.images[1], alone(demo_pipeline, 3, 4))
+    assert metrics.registry.get_sample_value("var_batch_failures_total", {"variant": "baseline"}) == 2
