@@ -186,22 +186,24 @@ class ScaleBatching:
 
     def _compute(self, plan: StepPlan) -> StepOutcome:
         t0 = time.perf_counter()
-        for cohort, keep in plan.leaving:
-            assert cohort.rollout is not None
-            if keep:
-                cohort.rollout.keep_rows(keep)
-            else:
-                cohort.rollout.release()
         outcome = StepOutcome()
+        for cohort, keep in plan.leaving:
+            if not keep:
+                _rollout(cohort).release()
+                continue
+            try:
+                _rollout(cohort).keep_rows(keep)
+            except Exception as error:  # e.g. out of memory compacting: its remaining rows start again alone
+                outcome.failed.append((cohort, error))
         for cohort in plan.joining:
             try:
                 self._start(cohort)
             except Exception as error:
                 outcome.failed.append((cohort, error))
         timer = StageTimer(next(iter(self.core.pipelines.values())).device)
-        starting = {c for c, _ in outcome.failed}
+        failed_early = {c for c, _ in outcome.failed}
         for variant in dict.fromkeys(c.variant for c in self.flight):
-            cohorts = [c for c in self.flight if c.variant == variant and c not in starting]
+            cohorts = [c for c in self.flight if c.variant == variant and c not in failed_early]
             groups = [[c for c in cohorts if c.retry]] + [[c] for c in cohorts if not c.retry]  # retries alone
             for group in filter(None, groups):
                 try:
