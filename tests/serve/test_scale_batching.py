@@ -40,13 +40,15 @@ class Pausing(Recording):
         super().__init__(pipe)
         self.label, self.at = label, at
         self.paused, self.resume = threading.Event(), threading.Event()
-        self.steps_seen: list[list[tuple[int, int]]] = []  # per step: (scale, rows) of each rollout
+        self.steps_seen: list[list[tuple[int, int]]] = []  # per step: (scale, images) of each rollout
+        self.leased: list[list[int | None]] = []  # per step: the cache rows each rollout holds
 
     def step_all(self, rollouts: Sequence[Rollout], timer: StageTimer) -> None:
         if not self.paused.is_set() and any(self.label in self.labels[id(r)] and r.si == self.at for r in rollouts):
             self.paused.set()
             assert self.resume.wait(30), "never resumed"
         self.steps_seen.append([(r.si, r.batch_size) for r in rollouts])
+        self.leased.append([r.lease.rows if r.lease else None for r in rollouts])
         super().step_all(rollouts, timer)
 
 
@@ -110,7 +112,8 @@ def test_a_deadline_passing_mid_generation_frees_the_rows_cache_and_its_cohort_g
     expired, kept, free_after, rows = run(scenario())
     assert isinstance(expired, DeadlineExceeded) and expired.computed
     assert pausing.steps_seen[2] == [(2, 2)] and pausing.steps_seen[3] == [(3, 1)]  # it left at the boundary
-    assert free_after == rows  # and every cache row is back once the other was decoded
+    assert pausing.leased[2] == [4] and pausing.leased[3] == [2]  # and its two cache rows went back then
+    assert free_after == rows  # every cache row is back once the other was decoded
     assert torch.equal(kept.images[0], alone(demo_pipeline, 5, 50))
 
 
@@ -121,7 +124,9 @@ def test_step_metrics_count_admissions_and_rows_by_scale(demo_pipeline: VARPipel
     async def scenario() -> float | None:
         e = scale_engine(pausing, metrics=metrics)
         first = asyncio.create_task(e.generate(request(1, (10,))))
-        assert await asyncio.to_thread(pausing.paused.wait, 30)
+        assert await asyncio.to_thread(pausing.paused.wait, 30)  # after two steps, before the third
+        by_scale = {"variant": "baseline", "scale": "2"}
+        assert metrics.registry.get_sample_value("var_inflight_images_by_scale", by_scale) == 1
         second = asyncio.create_task(e.generate(request(2, (20, 21))))
         await asyncio.sleep(0.05)
         pausing.resume.set()
