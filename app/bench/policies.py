@@ -139,6 +139,7 @@ def load_pipelines(a: argparse.Namespace) -> dict[str, VARPipeline]:
     windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list)
     sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list)
     ensure_plans(base, workdir, windows=windows, sharing=sharing, window_plan=None)
+    base.to(a.device)
     return {v: apply_variant(v, copy.deepcopy(base)) for v in a.variant_list}
 
 
@@ -156,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity", type=float, help="images/s of the whole policy; measured when not given")
     ap.add_argument("--repeats", type=int, default=1, help="per level and policy, alternating which goes first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the server's default on 2 cores)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
@@ -210,7 +212,7 @@ def median_run(runs: list[Run], policy: str, level: float) -> Run:
 
 
 def print_table(runs: list[Run], capacity: float, a: argparse.Namespace) -> None:
-    shape = a.preset or str(a.model_dir)
+    shape = f"{a.preset or a.model_dir} on {a.device}"
     print(f"{shape}, variants {','.join(a.variant_list)}, max_batch_size {a.max_batch_size}, "
           f"max_wait_ms {a.max_wait_ms:g}, "
           f"torch threads {a.threads}; whole capacity {capacity:.2f} images/s")  # fmt: skip

@@ -9,6 +9,9 @@
    the warm-up does not show, so there it is reported, not checked.
 4. The benchmark: `python -m app.bench` on random weights of `--preset` (d16) at `--batch-size` (8) for
    `--variants` (baseline, which runs bfloat16 autocast on a GPU, litevar and fastest).
+5. The batching policies: `python -m app.bench policies` at the same shape, `whole` against `scale` under
+   Poisson loads of 50% and 90% (`--policy-requests` requests each), `baseline` and `litevar`: on a GPU a
+   step is launch-bound, where joining a running generation may be nearly free (on CPU it is not).
 
 Writes one JSON and exits 1 when a check fails. `--device cpu --preset tiny` runs the same steps on the CPU,
 which is how `make test` keeps this script working on machines without a GPU.
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from app.bench import offline
+from app.bench import offline, policies
 from app.model.checkpoint import open_pipeline
 from app.model.memory import peak_above_start
 from app.tools.conformance import run_conformance
@@ -74,6 +77,18 @@ def benchmark(a: argparse.Namespace) -> list[dict[str, Any]]:
         return records
 
 
+def batching_policies(a: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="var-gpu-check-") as tmp:
+        out = Path(tmp) / "policies.json"
+        argv = ["--preset", a.preset, "--variants", "baseline,litevar", "--device", a.device]
+        argv += ["--max-batch-size", str(a.batch_size), "--requests", str(a.policy_requests)]
+        argv += ["--capacity-requests", str(a.policy_requests), "--policies", "whole,scale", "--json", str(out)]
+        if policies.main(argv) != 0:
+            raise RuntimeError(f"python -m app.bench policies {' '.join(argv)} failed")
+        record: dict[str, Any] = json.loads(out.read_text())
+        return record
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m app gpu-check", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -82,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="baseline,litevar,fastest")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--policy-requests", type=int, default=200, help="per load of the batching policies")
     ap.add_argument("--json", type=Path, default=Path("runs/gpu-check.json"))
     return ap.parse_args(argv)
 
@@ -95,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report["conformance"] = conformance([Path(f) for f in a.fixtures.split(",") if f], a.device)
     report["memory"] = memory(a.preset, a.device, a.batch_size)
     report["benchmark"] = benchmark(a)
+    report["batching_policies"] = batching_policies(a)
     failed = [name for name, c in report["conformance"].items() if not c["passed"]]
     failed += [] if report["memory"]["passed"] else ["memory"]
     report["failed"] = failed

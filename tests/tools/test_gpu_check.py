@@ -19,7 +19,8 @@ CPU_TWIN = ["gpu-check", "--device", "cpu", "--preset", "tiny", "--variants", "b
 @pytest.mark.slow
 def test_the_cpu_twin_reports_conformance_memory_and_the_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    assert main([*CPU_TWIN, "--runs", "1", "--fixtures", f"{TINY},{SHARED_ALN}", "--json", str(out)]) == 0
+    argv = [*CPU_TWIN, "--runs", "1", "--policy-requests", "6", "--fixtures", f"{TINY},{SHARED_ALN}"]
+    assert main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["device"]["device"] == "cpu" and report["failed"] == []
     assert {name: c["passed"] for name, c in report["conformance"].items()} == {TINY.name: True, SHARED_ALN.name: True}
@@ -27,6 +28,8 @@ def test_the_cpu_twin_reports_conformance_memory_and_the_benchmark(tmp_path: Pat
     assert report["memory"]["kv_cache_bytes"] > 0 and report["memory"]["batch_size"] == 2
     [record] = report["benchmark"]
     assert record["variant"] == "baseline" and record["batch_size"] == 2 and record["seconds_per_batch"] > 0
+    runs = report["batching_policies"]["runs"]
+    assert {(r["policy"], r["level"]) for r in runs} == {(p, x) for p in ("whole", "scale") for x in (0.0, 0.5, 0.9)}
 
 
 @pytest.mark.slow
