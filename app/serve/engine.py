@@ -54,6 +54,15 @@ WATCHDOG_S = 120.0  # the watchdog's floor (VAR_WATCHDOG_S)
 OOM_BACKOFF_BATCHES = 100  # after running out of memory, batches computed at the lowered limit
 UNHEALTHY_RETRY_AFTER_S = 30
 POLICIES = ("whole", "scale")
+# `auto` picks `scale` for a transformer at least this wide (the released d16..d36 are 1024..2304): measured,
+# at d16 on CPU, scale with the decode overlapped has 0.47x whole's p99 at 90% load; at the demo model's 256,
+# where a step is too small for its per-group work to vanish beside its matmuls, 1.7x (docs/benchmarks.md)
+SCALE_FROM_EMBED_DIM = 1024
+
+
+def auto_policy(embed_dim: int) -> str:
+    """The batching policy measured better for a transformer of this width (`SCALE_FROM_EMBED_DIM`)."""
+    return "scale" if embed_dim >= SCALE_FROM_EMBED_DIM else "whole"
 
 
 @dataclass(frozen=True)

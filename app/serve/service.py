@@ -21,7 +21,7 @@ import torch
 from app.compress.hardware import ISA_ENV
 from app.serve.batching import NotAccepting, Rejection
 from app.serve.encoding import MEDIA_TYPES
-from app.serve.engine import UNHEALTHY_RETRY_AFTER_S, Engine
+from app.serve.engine import UNHEALTHY_RETRY_AFTER_S, Engine, auto_policy
 from app.serve.limits import Limits
 from app.serve.metrics import ServeMetrics, versions
 from app.serve.models import ServedModel, ServedVariant, load_model, resolve_device
@@ -83,6 +83,8 @@ class Service:
             if self._drain_began("loading"):
                 return
             pipes = {name: v.pipeline for name, v in model.variants.items()}
+            policy = auto_policy(model.config.var.embed_dim) if s.batching == "auto" else s.batching
+            log.info("batching policy %s%s", policy, " (auto)" if s.batching == "auto" else "")
             engine = Engine(
                 pipes,
                 max_batch_size=s.max_batch_size,
@@ -90,7 +92,7 @@ class Service:
                 queue_capacity=s.queue_capacity,
                 metrics=self.metrics,
                 watchdog_s=s.watchdog_s,
-                policy=s.batching,
+                policy=policy,
                 overlap_decode=s.overlap_decode,
             )
             self.engine = engine

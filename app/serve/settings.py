@@ -43,13 +43,14 @@ class ServeSettings(BaseSettings):
         description="force the CPU's ISA level the kernels are chosen for (generic, avx2, avx512, avx512_vnni, "
         "avx512_bf16, amx; empty: the CPU's own)",
     )
-    batching: Literal["whole", "scale"] = Field(
-        default="whole",
+    batching: Literal["auto", "whole", "scale"] = Field(
+        default="auto",
         description="whole: a batch runs all its scales before the next starts; scale: requests join the running "
-        "generation at the next scale (docs/serving.md#batching-policies)",
+        "generation at the next scale; auto: scale for transformers 1024 wide or more (d16 and up), else whole "
+        "(docs/serving.md#batching-policies)",
     )
     overlap_decode: bool = Field(
-        default=False,
+        default=True,
         description="scale policy: decode finished images in a thread of their own while the next step runs",
     )
     max_batch_size: int = Field(

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +25,10 @@ from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.batching import BatchFailed, BatchRow, DeadlineExceeded
 from app.serve.encoding import encode_images
-from app.serve.engine import Engine
+from app.serve.engine import Engine, auto_policy
 from app.serve.metrics import ServeMetrics
 from app.serve.scale_batching import ScaleBatching
+from app.serve.whole_batching import WholeBatching
 from tests.conftest import DEMO
 from tests.serve.conftest import Recording, serve_settings, serving
 from tests.serve.test_engine import FAST, request, run
@@ -248,3 +250,13 @@ def test_a_cohort_that_fails_to_start_fails_only_the_request_that_fails_alone(de
     assert torch.equal(good.images[0], alone(demo_pipeline, 1, 2))
     assert torch.equal(after.images[1], alone(demo_pipeline, 3, 4))
     assert metrics.registry.get_sample_value("var_batch_failures_total", {"variant": "baseline"}) == 2
+
+
+def test_auto_picks_scale_for_wide_transformers_and_the_setting_reaches_the_engine(demo_folder: Path) -> None:
+    assert auto_policy(256) == "whole" and auto_policy(1023) == "whole"
+    assert auto_policy(1024) == "scale" and auto_policy(2304) == "scale"  # d16 .. d36
+    for setting, expected in (("auto", "whole"), ("scale", "scale")):  # the demo shape is 256 wide
+        with serving(serve_settings(demo_folder, batching=setting)) as c:
+            engine = c.app.state.service.engine
+            assert engine.policy == expected
+            assert isinstance(engine.batching, ScaleBatching if expected == "scale" else WholeBatching)
