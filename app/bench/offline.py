@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -147,13 +147,15 @@ def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
             yield Contender(name, runner, None)
 
 
-def ensure_plans(base: VARPipeline, workdir: Path, *, windows: bool, sharing: bool, window_plan: Path | None) -> None:
-    """The plans the variants need, in one folder the passes read (`base.source`). Random weights have none
+def ensure_plans(base: VARPipeline, workdir: Path, variants: Sequence[str], window_plan: Path | None) -> None:
+    """The plans `variants` need, in one folder the passes read (`base.source`). Random weights have none
     saved: those missing are calibrated once (on 4 images; both from one run when both are missing) for every
     variant to share. On random weights a plan measures the mechanism (at d16 the window plan comes out nearly
     dense). `window_plan` (`--window-plan`), e.g. a band plan, replaces any window plan (ValueError when it is
     for another model shape)."""
     source = base.source
+    windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in variants)
+    sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in variants)
 
     def saved(name: str) -> bool:
         return source is not None and (source / name).is_file()
@@ -193,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = base.config.name
     load_s = measure_load_seconds(base) if a.measure_load else None
     with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
-        windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list)
-        sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list)
         try:
-            ensure_plans(base, Path(tmp), windows=windows, sharing=sharing, window_plan=a.window_plan)
+            ensure_plans(base, Path(tmp), a.variant_list, a.window_plan)
         except (OSError, ValueError) as e:
             if a.window_plan is None:
                 raise

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from app.bench.offline import ensure_plans
-from app.compress import CFG_ATTENTION_SHARING, VARIANTS, WINDOWED_ATTENTION, apply_variant
+from app.compress import apply_variant
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import get_preset
 from app.model.pipeline import VARPipeline
@@ -136,9 +136,7 @@ def poisson(rate: float, n: int, rng: random.Random) -> list[float]:
 def load_pipelines(a: argparse.Namespace) -> dict[str, VARPipeline]:
     base = load_folder(a.model_dir) if a.preset is None else random_pipeline(get_preset(a.preset))
     workdir = Path(tempfile.mkdtemp(prefix="var-policies-"))
-    windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in a.variant_list)
-    sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in a.variant_list)
-    ensure_plans(base, workdir, windows=windows, sharing=sharing, window_plan=None)
+    ensure_plans(base, workdir, a.variant_list, window_plan=None)
     base.to(a.device)
     return {v: apply_variant(v, copy.deepcopy(base)) for v in a.variant_list}
 

@@ -187,10 +187,25 @@ def next_batch(queue: list[Pending], now: float, max_batch_size: int, max_wait_s
             rows[p.variant] = rows.get(p.variant, 0) + p.rows_waiting
     due = [v for v in oldest if rows[v] >= max_batch_size or now - oldest[v] >= max_wait_s]
     if not due:
-        wait = min(oldest.values()) + max_wait_s - now if oldest else None
-        return Decision([], wait)
+        return Decision([], wait_until_due(queue, now, max_wait_s))
     variant = min(due, key=oldest.__getitem__)
     return Decision(take_rows(queue, variant, max_batch_size))
+
+
+def wait_until_due(queue: Iterable[Pending], now: float, max_wait_s: float) -> float | None:
+    """Seconds until the oldest waiting row has waited max_wait_s (negative: already); None: no row waits."""
+    oldest = min((p.arrived for p in queue if p.rows_waiting), default=None)
+    return None if oldest is None else oldest + max_wait_s - now
+
+
+def row_inputs(rows: list[BatchRow]) -> tuple[list[int], list[SamplingParams], list[int]]:
+    """The class labels, sampling parameters and seeds of `rows`, in their order: what a pipeline computes."""
+    requests = [r.pending.request for r in rows]
+    return (
+        [q.class_label for q in requests],
+        [q.params for q in requests],
+        [q.seeds[r.row] for q, r in zip(requests, rows, strict=True)],
+    )
 
 
 def take_rows(queue: list[Pending], variant: str, max_batch_size: int) -> list[BatchRow]:

@@ -1,6 +1,7 @@
 """What the engine's two batching policies share: the pipelines, the queue and the futures of accepted
 requests, the batch limit, the worker thread, the watchdog and the metrics; and how a request ends (its
-images delivered, or an error on its future only). Event-loop side only; no policy here."""
+images delivered, or an error on its future only). Event-loop side, except `checked`, which the worker thread
+runs after the pipeline; no policy here."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from app.serve.batching import (
 )
 from app.serve.metrics import ServeMetrics
 from app.serve.watchdog import Watchdog
-from app.serve.worker import BatchOutput, Pipeline, free_memory, out_of_memory
+from app.serve.worker import BatchOutput, Pipeline, finite_rows, free_memory, out_of_memory
 
 log = logging.getLogger("app.serve.engine")  # one logger for the engine, whichever module logs
 # A test hook, None in service: called in the worker thread with each batch's rows and images after the
@@ -56,6 +57,12 @@ class EngineCore:
         self.wakeup = asyncio.Event()  # set when there is something new to schedule
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
         self.watchdog = Watchdog(watchdog_s)  # also the running mean of a batch's (a step's) seconds
+
+    def checked(self, rows: list[BatchRow], images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """In the worker thread, after the pipeline: the fault hook (tests only), then which images are finite."""
+        if self.fault is not None:
+            images = self.fault(rows, images)
+        return images, finite_rows(images)
 
     def finish(self, pending: Pending, outcome: GenerationResult | Exception) -> None:
         future = self.futures.pop(pending, None)

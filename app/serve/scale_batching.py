@@ -35,10 +35,10 @@ from app.model.kv_cache import KVLease, KVPool
 from app.model.memory import peak_above_start
 from app.model.rollout import Rollout
 from app.model.timing import Stage, StageTimer
-from app.serve.batching import BatchRow, next_batch
+from app.serve.batching import BatchRow, next_batch, row_inputs, wait_until_due
 from app.serve.engine_core import EngineCore
 from app.serve.watchdog import Watchdog
-from app.serve.worker import BatchOutput, finite_rows, out_of_memory
+from app.serve.worker import BatchOutput, out_of_memory
 
 
 @dataclass(eq=False)
@@ -107,10 +107,8 @@ class ScaleBatching:
             e.expire_queued(now)
             plan = StepPlan(self._leaving(), self._admit(now))
             if not self.flight and not plan.leaving:  # idle: until a request arrives or the oldest is due
-                oldest = min((p.arrived for p in e.queue if p.rows_waiting), default=None)
-                wait = None if oldest is None else max(0.0, oldest + e.max_wait_s - now)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(e.wakeup.wait(), wait)
+                    await asyncio.wait_for(e.wakeup.wait(), wait_until_due(e.queue, now, e.max_wait_s))
                 continue
             outcome = await self._step(plan)
             await self._settle(outcome)
@@ -235,13 +233,8 @@ class ScaleBatching:
         return outcome
 
     def _start(self, cohort: Cohort) -> None:
-        requests = [r.pending.request for r in cohort.rows]
-        cohort.rollout = self.core.pipelines[cohort.variant].start(
-            [q.class_label for q in requests],
-            [q.params for q in requests],
-            seeds=[r.pending.request.seeds[r.row] for r in cohort.rows],
-            lease=cohort.lease,
-        )
+        labels, params, seeds = row_inputs(cohort.rows)
+        cohort.rollout = self.core.pipelines[cohort.variant].start(labels, params, seeds=seeds, lease=cohort.lease)
         cohort.lease = None  # the rollout's now
 
     def _watched_images(self, cohort: Cohort, timer: StageTimer) -> BatchOutput:
@@ -258,9 +251,8 @@ class ScaleBatching:
     def _images(self, cohort: Cohort, timer: StageTimer) -> BatchOutput:
         rollout = _rollout(cohort)
         images = self.core.pipelines[cohort.variant].finish(rollout, timer).float().cpu()
-        if self.core.fault is not None:
-            images = self.core.fault(cohort.rows, images)
-        return BatchOutput(images, {}, rollout.cache_bytes, None, finite_rows(images))
+        images, finite = self.core.checked(cohort.rows, images)
+        return BatchOutput(images, {}, rollout.cache_bytes, None, finite)
 
     # ---- after the step, on the event loop ----------------------------------------------------------
     async def _settle(self, outcome: StepOutcome) -> None:

@@ -15,9 +15,9 @@ import dataclasses
 import time
 
 from app.model.sampling import SamplingParams
-from app.serve.batching import BatchRow, DeadlineExceeded, next_batch
+from app.serve.batching import BatchRow, DeadlineExceeded, next_batch, row_inputs
 from app.serve.engine_core import EngineCore, requests_of
-from app.serve.worker import BatchOutput, compute, finite_rows, out_of_memory
+from app.serve.worker import BatchOutput, compute, out_of_memory
 
 
 class WholeBatching:
@@ -90,10 +90,7 @@ class WholeBatching:
     async def _execute(self, variant: str, rows: list[BatchRow]) -> BatchOutput:
         core = self.core
         core.mark_started(requests_of(rows))
-        requests = [r.pending.request for r in rows]
-        labels = [q.class_label for q in requests]
-        params = [q.params for q in requests]
-        seeds = [r.pending.request.seeds[r.row] for r in rows]
+        labels, params, seeds = row_inputs(rows)
         self.inflight[variant] = len(rows)
         core.watchdog.batch_started(variant, len(rows))
         computed = False
@@ -117,6 +114,5 @@ class WholeBatching:
         """Runs in the worker thread: the batch, the fault hook (tests only), which images are finite."""
         core = self.core
         out = compute(core.pipelines[variant], labels, params, seeds)
-        if core.fault is not None:
-            out = dataclasses.replace(out, images=core.fault(rows, out.images))
-        return dataclasses.replace(out, finite=finite_rows(out.images))
+        images, finite = core.checked(rows, out.images)
+        return dataclasses.replace(out, images=images, finite=finite)
