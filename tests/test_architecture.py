@@ -1,16 +1,20 @@
-"""Dependency rules: model code is plain PyTorch (no web, no other app package); the service's engine knows no
-web framework and only its composition root reads settings."""
+"""Dependency rules, checked by folder: model code is plain PyTorch (no web, no other app package); the
+service's engine knows no web framework; the HTTP layer never reaches up into the composition root; the
+metrics leaf imports neither layer; only the composition root reads settings."""
 
 from __future__ import annotations
 
 import ast
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 APP = Path(__file__).parents[1] / "app"
+SERVE = APP / "serve"
 MODEL_ALLOWED = {"torch", "numpy", "safetensors", "app"}
 WEB = {"fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn", "prometheus_client", "httpx"}
-SERVE = APP / "serve"
 WEB_FRAMEWORK = {"fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn"}
+ROOT = ("app.serve.app", "app.serve.service", "app.serve.settings", "app.serve.models", "app.serve.__main__")
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,31 +27,58 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _files(folder: Path) -> list[Path]:
+    files = sorted(folder.rglob("*.py"))
+    assert files, f"no module under {folder}"  # a rule over an empty (moved) folder would check nothing
+    return files
+
+
+def _found(folder: Path, forbidden: Callable[[str], bool]) -> dict[str, set[str]]:
+    """The forbidden imports of every module under `folder`: `forbidden(name)` says whether `name` is one."""
+    found = {}
+    for path in _files(folder):
+        bad = {n for n in _imports(path) if forbidden(n)}
+        if bad:
+            found[str(path.relative_to(APP))] = bad
+    return found
+
+
+def _under(*prefixes: str) -> Callable[[str], bool]:
+    return lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def test_model_imports_only_torch_numpy_safetensors_and_itself() -> None:
-    import sys
-
-    for path in (APP / "model").glob("*.py"):
-        for name in _imports(path):
-            top = name.split(".")[0]
-            assert top in MODEL_ALLOWED | set(sys.stdlib_module_names), f"{path.name} imports {name}"
-            if top == "app":
-                assert name.startswith("app.model"), f"{path.name} imports {name}"
+    allowed = MODEL_ALLOWED | set(sys.stdlib_module_names)
+    assert _found(APP / "model", lambda n: n.split(".")[0] not in allowed) == {}
+    assert _found(APP / "model", lambda n: n.split(".")[0] == "app" and not _under("app.model")(n)) == {}
 
 
-def test_no_web_framework_below_the_api() -> None:
+def test_model_and_compression_import_nothing_of_the_web() -> None:
     for pkg in ("model", "compress"):
-        for path in (APP / pkg).glob("*.py"):
-            assert not {n.split(".")[0] for n in _imports(path)} & WEB, path
+        assert _found(APP / pkg, lambda n: n.split(".")[0] in WEB) == {}
 
 
-def test_engine_batching_and_model_loading_import_no_web_framework() -> None:
-    for name in ("engine.py", "batching.py", "models.py", "metrics.py", "encoding.py"):
-        found = {n.split(".")[0] for n in _imports(SERVE / name)} & WEB_FRAMEWORK
-        assert not found, f"{name} imports {found}"
+def test_the_engine_imports_no_web_framework_nor_the_layers_above_it() -> None:
+    """The engine knows no HTTP: no web framework, nothing of app/serve/http/, nothing of the composition root
+    (it gets plain values); the metrics leaf is the one piece of app/serve/ outside it that it may use."""
+    engine = SERVE / "engine"
+    assert _found(engine, lambda n: n.split(".")[0] in WEB_FRAMEWORK) == {}
+    assert _found(engine, _under("app.serve.http", *ROOT)) == {}
 
 
-def test_only_the_composition_root_and_service_read_settings() -> None:
-    readers = {p.name for p in SERVE.glob("*.py") if "app.serve.settings" in _imports(p)}
+def test_the_http_layer_never_imports_the_composition_root() -> None:
+    """Arrows run down: app.py and service.py import the HTTP layer, which reaches the service through a
+    protocol (routes.Backend)."""
+    assert _found(SERVE / "http", _under(*ROOT)) == {}
+
+
+def test_metrics_import_neither_the_engine_nor_the_http_layer() -> None:
+    found = {n for n in _imports(SERVE / "metrics.py") if _under("app.serve")(n)}
+    assert found == set()
+
+
+def test_only_the_composition_root_reads_settings() -> None:
+    readers = {str(p.relative_to(SERVE)) for p in _files(SERVE) if "app.serve.settings" in _imports(p)}
     assert readers == {"app.py", "service.py", "__main__.py"}
 
 
@@ -90,23 +121,16 @@ def test_no_import_cycle_between_app_modules() -> None:
 
 def test_the_product_imports_no_tool() -> None:
     """Tools (app.tools, app.bench, app.train) sit beside the product and are never imported by it."""
-    tools = ("app.tools", "app.bench", "app.train")
     for pkg in ("model", "compress", "quality", "serve"):
-        for path in (APP / pkg).rglob("*.py"):
-            found = {n for n in _imports(path) if n.startswith(tools)}
-            assert not found, f"{path.relative_to(APP)} imports {found}"
+        assert _found(APP / pkg, _under("app.tools", "app.bench", "app.train")) == {}
 
 
 def test_compression_imports_only_the_model_and_itself() -> None:
-    for path in (APP / "compress").glob("*.py"):
-        found = {n for n in _imports(path) if n.startswith("app.") and not n.startswith(("app.model", "app.compress"))}
-        assert not found, f"{path.name} imports {found}"
+    assert _found(APP / "compress", lambda n: _under("app")(n) and not _under("app.model", "app.compress")(n)) == {}
 
 
 def test_the_product_never_imports_ray_or_its_deployment() -> None:
     """app.ray_serve is a deployment entry beside the product, like app/serve/__main__.py: Ray is an optional
     extra, so the product runs and tests without it."""
     for pkg in ("model", "compress", "quality", "serve"):
-        for path in (APP / pkg).rglob("*.py"):
-            found = {n for n in _imports(path) if n.split(".")[0] == "ray" or n.startswith("app.ray_serve")}
-            assert not found, f"{path.relative_to(APP)} imports {found}"
+        assert _found(APP / pkg, _under("ray", "app.ray_serve")) == {}

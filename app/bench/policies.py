@@ -34,8 +34,7 @@ from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import get_preset
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
-from app.serve.batching import GenerationRequest
-from app.serve.engine import Engine
+from app.serve.engine import Engine, GenerationRequest
 
 TIMEOUT_S = 3600.0
 

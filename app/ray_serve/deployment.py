@@ -33,7 +33,8 @@ from ray.serve import Application, Deployment
 
 from app.ray_serve.targets import MetricsTarget, serve_metrics
 from app.serve.app import create_app
-from app.serve.service import Phase, Service
+from app.serve.engine import Phase
+from app.serve.service import Service
 from app.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _until_ready(lifespan: Lifespan, service: Service, on_ready: Callable[[], No
         async with lifespan(app) as state:
             await service.wait_loaded()
             if service.phase is not Phase.READY:
-                raise RuntimeError(f"the service did not become ready ({service.phase}): {service.error}")
+                raise RuntimeError(f"the service did not become ready ({service.phase}): {service.lifecycle.error}")
             on_ready()
             yield state
 

@@ -1,9 +1,12 @@
-"""The REST service: request -> api -> engine (batching, worker thread) -> pipeline -> images -> api.
+"""The REST service: request -> http -> engine (batching, worker thread) -> pipeline -> images -> http.
 
-settings.py  ServeSettings (VAR_* environment variables)     app.py      create_app: the composition root
-service.py   load, compress, warm up, drain                   api.py      routes; errors.py: engine errors -> HTTP
-engine.py    queue, dynamic batching, the worker thread        batching.py requests, results, the batching policy
-models.py    variants from one checkpoint, memory accounting  limits.py   request checks against the model
-metrics.py   every Prometheus metric                          encoding.py PNG/JPEG/WebP, Accept negotiation
-static/      the playground page (GET /)                      middleware.py body size limit, request metrics
+engine/      batching and the worker thread; no web framework (app/serve/engine/__init__.py lists its modules)
+http/        routes, schemas, limits, errors, encoding, auth, middleware; every HTTP rule
+The composition root, which builds both from the settings:
+app.py       create_app: the FastAPI app with its routes, error handlers and middleware
+service.py   the service's life: load, compress, warm up, serve, drain (implements http's Backend)
+settings.py  ServeSettings (VAR_* environment variables); read only here, in app.py and __main__.py
+models.py    variants from one checkpoint, memory accounting
+metrics.py   every Prometheus metric; imports nothing from engine/ or http/
+__main__.py  `python -m app.serve`: uvicorn with a draining shutdown
 """

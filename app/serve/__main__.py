@@ -19,7 +19,7 @@ from typing import NoReturn
 import uvicorn
 
 from app.serve.app import create_app
-from app.serve.connections import with_header_timeout
+from app.serve.http.connections import with_header_timeout
 from app.serve.service import Service
 from app.serve.settings import ServeSettings
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi import Depends, FastAPI
 
-from app.serve import openapi
-from app.serve.api import ops_router, page_router, router
-from app.serve.auth import ApiKeys, require_key
-from app.serve.errors import error, install_error_handlers
+from app.serve.http import openapi
+from app.serve.http.auth import ApiKeys, require_key
+from app.serve.http.errors import install_error_handlers
+from app.serve.http.middleware import BodyLimits, GenerateMetrics
+from app.serve.http.routes import ops_router, page_router, router
 from app.serve.metrics import versions
-from app.serve.middleware import BodyLimits, GenerateMetrics
 from app.serve.service import Service
 from app.serve.settings import ServeSettings
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
@@ -42,7 +37,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.state.service = service
     include_routes(app, service.settings)
     install_error_handlers(app, service.metrics)
-    app.add_exception_handler(Exception, _unexpected)
     s = service.settings
     app.add_middleware(BodyLimits, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s, metrics=service.metrics)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)  # outermost: sees every answer, 413 included
@@ -64,9 +58,3 @@ def include_routes(app: FastAPI, settings: ServeSettings) -> None:
     else:
         app.include_router(ops_router)
     app.include_router(page_router)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    error_id = uuid.uuid4().hex[:12]
-    log.error("unexpected error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
-    return error(500, f"internal error (error id {error_id})", error_id=error_id)

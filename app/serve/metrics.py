@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 
 import torch
 from prometheus_client import (
@@ -24,7 +25,6 @@ from prometheus_client import (
 )
 
 from app.model.timing import Stage
-from app.serve.batching import Rejection
 
 # Renard's R10 series (10 edges per decade, each about 26% above the last) from 5 ms to 2.5 s, where the demo
 # model's and a GPU's latencies lie, then coarse up to 300 s: 34 buckets. histogram_quantile interpolates
@@ -37,6 +37,23 @@ LATENCY_BUCKETS = (
     *(5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 UNKNOWN_VARIANT = "unknown"  # label of requests whose variant was not (validly) named
+
+
+class Rejection(StrEnum):
+    """Why a request was not served: the values of the `reason` label of `var_rejections_total`. The HTTP layer
+    maps each answer it refuses with to one (app/serve/http/errors.py)."""
+
+    INVALID = "invalid"
+    BODY_TOO_LARGE = "body_too_large"
+    BODY_TIMEOUT = "body_timeout"  # the body came too slowly (408)
+    UNAUTHORIZED = "unauthorized"  # no valid API key (401)
+    NOT_ACCEPTABLE = "not_acceptable"
+    QUEUE_FULL = "queue_full"
+    NOT_READY = "not_ready"  # starting, loading, or the load failed
+    DRAINING = "draining"  # shutting down or stopped
+    DEADLINE = "deadline"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    FAILED = "failed"
 
 
 def _count_buckets(limit: int) -> tuple[float, ...]:

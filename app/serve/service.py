@@ -13,48 +13,37 @@ import dataclasses
 import logging
 import os
 import time
-from enum import StrEnum
 from typing import Any
 
 import torch
 
 from app.compress.hardware import ISA_ENV
-from app.serve.batching import NotAccepting, Rejection
-from app.serve.encoding import MEDIA_TYPES
-from app.serve.engine import UNHEALTHY_RETRY_AFTER_S, Engine, auto_policy
-from app.serve.limits import Limits
+from app.serve.engine import Engine, Lifecycle, Phase, Unhealthy, auto_policy
+from app.serve.http.encoding import MEDIA_TYPES
+from app.serve.http.limits import Limits
+from app.serve.http.schemas import CFG_MAX, SEED_MAX
 from app.serve.metrics import ServeMetrics, versions
 from app.serve.models import ServedModel, ServedVariant, load_model, resolve_device
-from app.serve.schemas import CFG_MAX, SEED_MAX
 from app.serve.settings import ServeSettings
-from app.serve.watchdog import Unhealthy
 
 log = logging.getLogger(__name__)
-FAILED_RETRY_AFTER_S = 60  # a failed load does not heal: only a restart (which /healthz 503 asks for) helps
 
 
 def compute_threads(setting: int, available: int) -> int:
     """Torch's CPU threads: the setting, or with 0 all but one of the `available` threads (torch's default,
     which follows OMP_NUM_THREADS, as Ray sets it per replica), at least one. The event loop, the HTTP parser
     and the image encoder need a core of their own: with every core computing, OpenMP's threads wait at their
-    barriers for one that the encoder has preempted (on 2 cores, served throughput at batch 8 was 0.71x of
-    the same pipeline offline; with one thread computing, 0.83-1.02x: docs/benchmarks.md)."""
+    barriers for one that the encoder has preempted (measured in docs/benchmarks.md, "Serving")."""
     return setting or max(1, available - 1)
 
 
-class Phase(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-
 class Service:
+    """The http layer's `Backend`: what its routes ask of the service."""
+
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.metrics = ServeMetrics(settings.variants, settings.max_batch_size, settings.max_images_per_request)
-        self.phase = Phase.LOADING
-        self.error: str | None = None
+        self.lifecycle = Lifecycle()  # the engine's too, once built
         self.model: ServedModel | None = None
         self.engine: Engine | None = None
         self.limits: Limits | None = None
@@ -94,6 +83,7 @@ class Service:
                 watchdog_s=s.watchdog_s,
                 policy=policy,
                 overlap_decode=s.overlap_decode,
+                lifecycle=self.lifecycle,
             )
             self.engine = engine
             self._describe(model)
@@ -104,16 +94,16 @@ class Service:
             engine.start()
         except Exception as e:
             log.exception("loading %s failed", s.model_dir)
-            self.phase, self.error = Phase.FAILED, f"{type(e).__name__}: {e}"
+            self.lifecycle.fail(f"{type(e).__name__}: {e}")
             return
-        self.phase = Phase.READY
         self.metrics.ready.set(1)
         log.info("ready: %s, variants %s on %s in %.1f s", s.model_dir, s.variants, device, time.monotonic() - t0)
 
     def _drain_began(self, stage: str) -> bool:
-        if self._drained is not None:
+        began = self.lifecycle.phase is not Phase.LOADING
+        if began:
             log.info("shutting down during %s: the engine is not started", stage)
-        return self._drained is not None
+        return began
 
     def _describe(self, model: ServedModel) -> None:
         s, m = self.settings, self.metrics
@@ -144,31 +134,23 @@ class Service:
         m.shared_weight_bytes.set(model.shared_bytes)
         m.watch_gpu(model.device)
 
+    @property
+    def phase(self) -> Phase:
+        return self.lifecycle.phase
+
     def ready_engine(self) -> tuple[Engine, Limits]:
         """The engine and limits, or NotAccepting (503) while loading, draining or after a failed load."""
-        if self.phase is not Phase.READY or self.engine is None or self.limits is None:
-            retry = self.retry_after_s()
-            if self.phase is Phase.DRAINING:
-                raise NotAccepting(Rejection.DRAINING, self.phase.value, retry)
-            state = "model failed to load" if self.phase is Phase.FAILED else self.phase.value
-            raise NotAccepting(Rejection.NOT_READY, state, retry)
+        if (refusal := self.lifecycle.refusal()) is not None:
+            raise refusal
+        assert self.engine is not None and self.limits is not None, "ready: loaded"
         return self.engine, self.limits
 
     def health(self) -> Unhealthy | None:
         """None while alive; else why the process should be restarted: a failed load, or the engine's watchdog
         (a batch far past its expected time, a dead scheduler)."""
         if self.phase is Phase.FAILED:
-            return Unhealthy("load_failed", self.error or "model failed to load", status="failed")
+            return Unhealthy("load_failed", self.lifecycle.error or "model failed to load", status="failed")
         return self.engine.health() if self.engine is not None else None
-
-    def retry_after_s(self) -> int:
-        """Seconds a refused client should wait: a load takes seconds, a failed load or a stuck engine needs a
-        restart, a draining process has a replacement (or nothing) behind it."""
-        if self.phase is Phase.LOADING:
-            return 5
-        if self.phase is Phase.FAILED:
-            return FAILED_RETRY_AFTER_S
-        return UNHEALTHY_RETRY_AFTER_S if self.health() is not None else 1
 
     def describe(self) -> dict[str, Any]:
         """GET /models: the model, every variant (passes, weight bytes), classes, defaults and limits."""
@@ -202,13 +184,12 @@ class Service:
     def drain(self) -> asyncio.Task[None]:
         """Stop accepting and let accepted work finish within drain_grace_s (idempotent)."""
         if self._drained is None:
+            self.lifecycle.drain()  # at once: a load in progress sees it at its next stage
+            self.metrics.ready.set(0)
             self._drained = asyncio.get_running_loop().create_task(self._drain(), name="var-drain")
         return self._drained
 
     async def _drain(self) -> None:
-        if self.phase is not Phase.FAILED:
-            self.phase = Phase.DRAINING
-        self.metrics.ready.set(0)
         if self.engine is not None:
             failed = await self.engine.drain(self.settings.drain_grace_s)
             log.info("drained; %d request(s) were not finished within the grace period", failed)

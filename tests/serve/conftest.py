@@ -16,9 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import app.serve.scale_batching as scale_batching_module
 import app.serve.service as service_module
-import app.serve.whole_batching as whole_batching_module
 from app.bench.served import start_server
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
@@ -29,6 +27,7 @@ from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.app import create_app
 from app.serve.engine import POLICIES
+from app.serve.engine.queue import RequestQueue
 from app.serve.settings import ServeSettings
 from app.train.export import export_folder
 
@@ -219,12 +218,11 @@ def gated_load(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 def crash_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's scheduler raises "injected scheduler bug" as soon as anything is queued."""
-    real = whole_batching_module.next_batch
+    real = RequestQueue.next_batch
 
-    def crashing(queue: list[Any], *args: Any, **kwargs: Any) -> Any:
-        if queue:
+    def crashing(queue: RequestQueue, *args: Any, **kwargs: Any) -> Any:
+        if queue.rows_waiting():
             raise RuntimeError("injected scheduler bug")
         return real(queue, *args, **kwargs)
 
-    monkeypatch.setattr(whole_batching_module, "next_batch", crashing)
-    monkeypatch.setattr(scale_batching_module, "next_batch", crashing)
+    monkeypatch.setattr(RequestQueue, "next_batch", crashing)

@@ -22,8 +22,8 @@ from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from app.model.timing import Stage
 from app.serve.app import create_app
-from app.serve.encoding import encode_images
-from app.serve.schemas import SEED_MAX, GenerateRequest, Timings
+from app.serve.http.encoding import encode_images
+from app.serve.http.schemas import SEED_MAX, GenerateRequest, Timings
 from tests.serve.conftest import gated_load, serve_settings, serving, wait_ready
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.serve.app import create_app
-from app.serve.auth import ApiKeys
+from app.serve.http.auth import ApiKeys
 from tests.serve.conftest import live_server_process, serve_settings, wait_ready
 
 KEY, OTHER_KEY = "first-key-0123456789abcdef", "second-key-9876543210fedcba"

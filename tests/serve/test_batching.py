@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from app.model.sampling import SamplingParams
-from app.serve.batching import BatchLimit, GenerationRequest, Pending, next_batch, queued_rows
+from app.serve.engine import GenerationRequest
+from app.serve.engine.batch_limit import BatchLimit
+from app.serve.engine.queue import next_batch, rows_waiting
+from app.serve.engine.requests import Pending
 
 
 def pending(variant: str, n: int, arrived: float, label: int = 0) -> Pending:
@@ -31,7 +34,7 @@ def test_a_full_batch_goes_without_waiting() -> None:
     queue = [pending("a", 3, arrived=5.0), pending("a", 2, arrived=5.0)]
     decision = next_batch(queue, now=5.0, max_batch_size=4, max_wait_s=10)
     assert [(r.pending, r.row) for r in decision.rows] == [(queue[0], 0), (queue[0], 1), (queue[0], 2), (queue[1], 0)]
-    assert queued_rows(queue) == 1  # the second request's last image waits for the next batch
+    assert rows_waiting(queue) == 1  # the second request's last image waits for the next batch
 
 
 def test_requests_of_different_classes_share_a_batch_and_only_the_variant_splits() -> None:

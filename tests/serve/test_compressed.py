@@ -11,7 +11,7 @@ from app.compress import apply_variant
 from app.compress.compiled import compiled_step
 from app.compress.guidance import guidance_off_last
 from app.model.checkpoint import load_folder
-from app.serve.encoding import encode_images
+from app.serve.http.encoding import encode_images
 from app.serve.models import vqvae_shareable
 from tests.conftest import DEMO
 from tests.serve.conftest import serve_settings, serving

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from app.serve.app import create_app
-from app.serve.batching import GenerationRequest
-from app.serve.errors import CLIENT_CLOSED
+from app.serve.engine import GenerationRequest
+from app.serve.http.errors import CLIENT_CLOSED
 from tests.serve.conftest import Gated, serve_settings
 
 

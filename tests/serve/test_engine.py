@@ -13,8 +13,8 @@ import torch
 
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
-from app.serve.batching import BatchFailed, DeadlineExceeded, GenerationRequest, NotAccepting, QueueFull
-from app.serve.engine import Engine, Pipeline
+from app.serve.engine import BatchFailed, DeadlineExceeded, Engine, GenerationRequest, NotAccepting, QueueFull
+from app.serve.engine.worker import Pipeline
 from app.serve.metrics import ServeMetrics
 from tests.serve.conftest import Failing, Gated, Recording, policy_settings
 

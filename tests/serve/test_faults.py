@@ -15,14 +15,9 @@ import pytest
 import torch
 
 from app.model.pipeline import VARPipeline
-from app.serve.batching import (
-    BatchFailed,
-    BatchRow,
-    DeadlineExceeded,
-    NonFiniteOutput,
-    NotAccepting,
-)
-from app.serve.engine import Engine, Fault
+from app.serve.engine import BatchFailed, DeadlineExceeded, Engine, NonFiniteOutput, NotAccepting
+from app.serve.engine.core import Fault
+from app.serve.engine.requests import BatchRow
 from app.serve.metrics import ServeMetrics
 from tests.serve.conftest import Recording, crash_the_scheduler, policy_settings
 from tests.serve.test_engine import FAST, request

@@ -17,15 +17,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import app.serve.api as api_module
-import app.serve.engine as engine_module
+import app.serve.engine.engine as engine_module
+import app.serve.http.routes as api_module
 from app.model.pipeline import Generation, VARPipeline
 from app.model.rollout import Rollout
 from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
 from app.serve.app import create_app
-from app.serve.batching import NotAccepting
-from app.serve.service import Phase, Service
+from app.serve.engine import NotAccepting, Phase
+from app.serve.service import Service
 from tests.serve.conftest import Gated, Recording, crash_the_scheduler, gated_load, serve_settings, serving
 
 BODY = {"class_label": 1, "top_k": 0}

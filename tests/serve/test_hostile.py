@@ -21,10 +21,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.serve.batching import Rejection
-from app.serve.json_body import MAX_DEPTH
-from app.serve.metrics import ServeMetrics
-from app.serve.middleware import BodyLimits
+from app.serve.http.json_body import MAX_DEPTH
+from app.serve.http.middleware import BodyLimits
+from app.serve.metrics import Rejection, ServeMetrics
 from tests.serve.conftest import LiveServer, live_server_process, serve_settings, serving
 
 BODY_TIMEOUT_S, HEADER_TIMEOUT_S, CONNECTION_LIMIT = 1.0, 1.5, 6

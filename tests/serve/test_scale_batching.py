@@ -23,12 +23,12 @@ from app.model.pipeline import VARPipeline
 from app.model.rollout import Rollout
 from app.model.sampling import SamplingParams
 from app.model.timing import StageTimer
-from app.serve.batching import BatchFailed, BatchRow, DeadlineExceeded
-from app.serve.encoding import encode_images
-from app.serve.engine import Engine, auto_policy
+from app.serve.engine import BatchFailed, DeadlineExceeded, Engine, auto_policy
+from app.serve.engine.requests import BatchRow
+from app.serve.engine.scale_batching import ScaleBatching
+from app.serve.engine.whole_batching import WholeBatching
+from app.serve.http.encoding import encode_images
 from app.serve.metrics import ServeMetrics
-from app.serve.scale_batching import ScaleBatching
-from app.serve.whole_batching import WholeBatching
 from tests.conftest import DEMO
 from tests.serve.conftest import Recording, serve_settings, serving
 from tests.serve.test_engine import FAST, request, run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.serve.watchdog import WATCHDOG_FACTOR, Watchdog
+from app.serve.engine.watchdog import WATCHDOG_FACTOR, Watchdog
 
 
 class Clock:

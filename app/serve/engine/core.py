@@ -1,7 +1,8 @@
-"""What the engine's two batching policies share: the pipelines, the queue and the futures of accepted
-requests, the batch limit, the worker thread, the watchdog and the metrics; and how a request ends (its
-images delivered, or an error on its future only). Event-loop side, except `checked`, which the worker thread
-runs after the pipeline; no policy here."""
+"""What the engine's two batching policies share: the pipelines, the accepted requests, the batch limit, the
+worker thread, the watchdog and the metrics; and how a request ends (its images delivered, or an error on its
+future only). Event-loop side, except `checked`, which the worker thread runs after the pipeline. No policy
+here: a policy asks for rows (`requests.next_batch`), runs work in the worker (`in_worker`), and hands back
+what came out (`deliver`, `fail`, `after_out_of_memory`)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,21 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import torch
 
-from app.serve.batching import (
-    BatchFailed,
-    BatchLimit,
-    BatchRow,
-    DeadlineExceeded,
-    GenerationResult,
-    NonFiniteOutput,
-    Pending,
-)
+from app.serve.engine.batch_limit import BatchLimit
+from app.serve.engine.errors import BatchFailed, NonFiniteOutput
+from app.serve.engine.queue import RequestQueue
+from app.serve.engine.requests import BatchRow, GenerationResult, Pending, requests_of
+from app.serve.engine.watchdog import Watchdog
+from app.serve.engine.worker import BatchOutput, Pipeline, finite_rows, free_memory, out_of_memory
 from app.serve.metrics import ServeMetrics
-from app.serve.watchdog import Watchdog
-from app.serve.worker import BatchOutput, Pipeline, finite_rows, free_memory, out_of_memory
 
 log = logging.getLogger("app.serve.engine")  # one logger for the engine, whichever module logs
+P = ParamSpec("P")
+T = TypeVar("T")
 # A test hook, None in service: called in the worker thread with each batch's rows and images after the
 # pipeline; it may raise (a poison row, MemoryError), sleep or block (a slow or stuck batch), or return other
 # images (NaN pixels).
@@ -41,7 +40,7 @@ class EngineCore:
         *,
         max_batch_size: int,
         max_wait_s: float,
-        metrics: ServeMetrics | None,
+        metrics: ServeMetrics,
         watchdog_s: float,
         oom_backoff_batches: int,
         fault: Fault | None,
@@ -52,11 +51,32 @@ class EngineCore:
         self.metrics = metrics
         self.fault = fault
         self.limit = BatchLimit(max_batch_size, oom_backoff_batches)
-        self.queue: list[Pending] = []
-        self.futures: dict[Pending, asyncio.Future[GenerationResult]] = {}  # accepted, not answered
-        self.wakeup = asyncio.Event()  # set when there is something new to schedule
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
+        self.requests = RequestQueue()
         self.watchdog = Watchdog(watchdog_s)  # also the running mean of a batch's (a step's) seconds
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.pipelines.values())).device
+
+    async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run fn in the worker thread (the only thread that computes), the event loop free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def watched(self, what: str, size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`in_worker` under the watchdog: a batch (a step) of `size` images that runs far past its expected
+        time makes the engine unhealthy; one that returns updates the expected time."""
+        self.watchdog.batch_started(what, size)
+        done = False
+        try:
+            out = await self.in_worker(fn, *args, **kwargs)
+            done = True
+            return out
+        finally:
+            self.watchdog.batch_ended(done)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def checked(self, rows: list[BatchRow], images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
         """In the worker thread, after the pipeline: the fault hook (tests only), then which images are finite."""
@@ -64,29 +84,12 @@ class EngineCore:
             images = self.fault(rows, images)
         return images, finite_rows(images)
 
-    def finish(self, pending: Pending, outcome: GenerationResult | Exception) -> None:
-        future = self.futures.pop(pending, None)
-        if pending in self.queue:
-            self.queue.remove(pending)
-        pending.next_row = pending.request.num_images
-        if future is None or future.done():
-            return
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-    def expire_queued(self, now: float) -> None:
-        for p in [p for p in self.queue if p.deadline <= now]:
-            self.finish(p, DeadlineExceeded(p.request.timeout_s, computed=p.started is not None))
-
     def mark_started(self, pendings: list[Pending]) -> None:
         now = time.monotonic()
         for p in pendings:
             if p.started is None:
                 p.started = now
-                if self.metrics:
-                    self.metrics.queue_wait_seconds.labels(p.variant).observe(now - p.arrived)
+                self.metrics.queue_wait_seconds.labels(p.variant).observe(now - p.arrived)
 
     async def after_out_of_memory(self, variant: str, size: int, error: Exception) -> None:
         """Free what can be freed and lower the batch limit for a while."""
@@ -95,19 +98,16 @@ class EngineCore:
             "out of memory in a batch of %d %s image(s) (%s); batch limit %d for the next %d batches",
             size, variant, error, self.limit.current, self.limit.backoff_batches,
         )  # fmt: skip
-        if self.metrics:
-            self.metrics.oom.labels(variant).inc()
+        self.metrics.oom.labels(variant).inc()
         error.__traceback__ = None  # its frames hold the failed batch's tensors
-        device = self.pipelines[variant].device
-        await asyncio.get_running_loop().run_in_executor(self.executor, free_memory, device)
+        await self.in_worker(free_memory, self.pipelines[variant].device)
 
     def log_failure(self, variant: str, rows: list[BatchRow], error: Exception, then: str) -> str:
         error_id = uuid.uuid4().hex[:12]
         log.error(
             "batch failed: error id %s, variant %s, %d images; %s", error_id, variant, len(rows), then, exc_info=error
         )
-        if self.metrics:
-            self.metrics.batch_failures.labels(variant).inc()
+        self.metrics.batch_failures.labels(variant).inc()
         return error_id
 
     def fail(self, variant: str, rows: list[BatchRow], error: Exception) -> None:
@@ -115,36 +115,38 @@ class EngineCore:
         error_id = self.log_failure(variant, rows, error, "failing its requests")
         what = "out of memory" if out_of_memory(error) else "generation failed"
         for p in requests_of(rows):
-            self.finish(p, BatchFailed(error_id, what))
+            self.requests.finish(p, BatchFailed(error_id, what))
 
     def deliver(self, variant: str, rows: list[BatchRow], out: BatchOutput) -> None:
+        """A computed batch: requests with a non-finite image fail; the others get their images, and those now
+        complete their answer."""
+        self.limit.batch_done()
+        self.metrics.record_batch(variant, len(rows), out.stage_s)
         corrupt = requests_of([r for r, finite in zip(rows, out.finite, strict=True) if not finite])
         if corrupt:
             error_id = uuid.uuid4().hex[:12]
             n = out.finite.count(False)
             log.error("non-finite output: error id %s, variant %s, %d of %d images", error_id, variant, n, len(rows))
-            if self.metrics:
-                self.metrics.nonfinite_images.labels(variant).inc(n)
+            self.metrics.nonfinite_images.labels(variant).inc(n)
             for p in corrupt:
-                self.finish(p, NonFiniteOutput(error_id))
+                self.requests.finish(p, NonFiniteOutput(error_id))
         for i, r in enumerate(rows):
             r.pending.images[r.row] = out.images[i]
         for p in requests_of(rows):
-            if p not in self.futures:
-                continue
-            p.batch_sizes.append(len(rows))
-            for k, v in out.stage_s.items():
-                p.stage_s[k] = p.stage_s.get(k, 0.0) + v
-            done = [im for im in p.images if im is not None]
-            if len(done) == p.request.num_images:
-                assert p.started is not None
-                q = p.request
-                result = GenerationResult(
-                    torch.stack(done), q.seeds, p.variant, p.started - p.arrived, p.stage_s, p.batch_sizes,
-                    timeout_s=q.timeout_s, deadline=p.deadline,
-                )  # fmt: skip
-                self.finish(p, result)
+            if self.requests.awaited(p):
+                p.batch_sizes.append(len(rows))
+                for k, v in out.stage_s.items():
+                    p.stage_s[k] = p.stage_s.get(k, 0.0) + v
+                if all(im is not None for im in p.images):
+                    self.requests.finish(p, result_of(p))
 
 
-def requests_of(rows: list[BatchRow]) -> list[Pending]:
-    return list(dict.fromkeys(r.pending for r in rows))
+def result_of(p: Pending) -> GenerationResult:
+    """The answer of a request whose every image is computed."""
+    assert p.started is not None
+    images = torch.stack([im for im in p.images if im is not None])
+    q = p.request
+    return GenerationResult(
+        images, q.seeds, p.variant, p.started - p.arrived, p.stage_s, p.batch_sizes,
+        timeout_s=q.timeout_s, deadline=p.deadline,
+    )  # fmt: skip

@@ -25,7 +25,6 @@ the policy changes when an image is ready, never which image.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +34,10 @@ from app.model.kv_cache import KVLease, KVPool
 from app.model.memory import peak_above_start
 from app.model.rollout import Rollout
 from app.model.timing import Stage, StageTimer
-from app.serve.batching import BatchRow, next_batch, row_inputs, wait_until_due
-from app.serve.engine_core import EngineCore
-from app.serve.watchdog import Watchdog
-from app.serve.worker import BatchOutput, out_of_memory
+from app.serve.engine.core import EngineCore
+from app.serve.engine.requests import BatchRow, row_inputs
+from app.serve.engine.watchdog import Unhealthy, Watchdog
+from app.serve.engine.worker import BatchOutput, out_of_memory
 
 
 @dataclass(eq=False)
@@ -71,7 +70,8 @@ class StepOutcome:
 
 
 class ScaleBatching:
-    """The engine's scheduler under the `scale` policy; state on the event loop, tensors in the worker."""
+    """The engine's scheduler under the `scale` policy (a `BatchingPolicy`); state on the event loop, tensors in
+    the worker."""
 
     def __init__(self, core: EngineCore, overlap_decode: bool = False):
         self.core = core
@@ -83,13 +83,15 @@ class ScaleBatching:
         }
         self.flight: list[Cohort] = []
         self.retries: list[BatchRow] = []  # rows of failed cohorts, to start again alone
-        if core.metrics:
-            for name, pool in self.pools.items():
-                core.metrics.record_memory(name, pool.nbytes(), None)
+        for name, pool in self.pools.items():
+            core.metrics.record_memory(name, pool.nbytes(), None)
 
     def generation_s(self) -> float:
         """The running estimate of one generation's seconds (for Retry-After): a step's times the scales."""
         return self.core.watchdog.batch_s * max(len(p.steps) for p in self.core.pipelines.values())
+
+    def health(self) -> Unhealthy | None:
+        return self.decode_watchdog.check()
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -100,15 +102,13 @@ class ScaleBatching:
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        e = self.core
+        requests = self.core.requests
         while True:
-            e.wakeup.clear()
             now = time.monotonic()
-            e.expire_queued(now)
+            requests.expire(now)
             plan = StepPlan(self._leaving(), self._admit(now))
             if not self.flight and not plan.leaving:  # idle: until a request arrives or the oldest is due
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(e.wakeup.wait(), wait_until_due(e.queue, now, e.max_wait_s))
+                await requests.wait_for_work(requests.due_in(now, self.core.max_wait_s))
                 continue
             outcome = await self._step(plan)
             await self._settle(outcome)
@@ -117,7 +117,7 @@ class ScaleBatching:
         """Cohorts with rows no longer awaited: those rows leave (the whole cohort when none is left)."""
         leaving = []
         for c in list(self.flight):
-            keep = [i for i, r in enumerate(c.rows) if r.pending in self.core.futures]
+            keep = [i for i, r in enumerate(c.rows) if self.core.requests.awaited(r.pending)]
             if len(keep) == len(c.rows):
                 continue
             c.rows = [c.rows[i] for i in keep]
@@ -134,20 +134,19 @@ class ScaleBatching:
         joining: list[Cohort] = []
         while self.retries and self.rows_in_flight() < e.limit.current:
             row = self.retries[0]
-            if row.pending in e.futures and not self._join(Cohort(row.pending.variant, [row], retry=False), joining):
+            alone = Cohort(row.pending.variant, [row], retry=False)
+            if e.requests.awaited(row.pending) and not self._join(alone, joining):
                 break  # no room in the pool: it waits for a cohort to finish
             self.retries.pop(0)
         while (room := e.limit.current - self.rows_in_flight()) > 0:
-            rows = next_batch(e.queue, now, room, e.max_wait_s).rows
+            rows = e.requests.next_batch(now, room, e.max_wait_s).rows
             if not rows:
                 break
             variant = rows[0].pending.variant
             fits = self.pools[variant].largest_free() // 2
-            for r in reversed(rows[fits:]):  # beyond the longest free run of the pool: back to the queue
-                r.pending.next_row -= 1
+            e.requests.put_back(rows[fits:])  # beyond the longest free run of the pool: they wait
             if not fits or not self._join(Cohort(variant, rows[:fits], retry=True), joining):
                 break
-        e.queue = [p for p in e.queue if p.rows_waiting]
         return joining
 
     def _join(self, cohort: Cohort, joining: list[Cohort]) -> bool:
@@ -163,21 +162,14 @@ class ScaleBatching:
     # ---- one step, in the worker thread -------------------------------------------------------------
     async def _step(self, plan: StepPlan) -> StepOutcome:
         e = self.core
-        e.watchdog.batch_started("step", self.rows_in_flight())
-        done = False
-        try:
-            outcome = await asyncio.get_running_loop().run_in_executor(e.executor, self._measured, plan)
-            done = True
-        finally:
-            e.watchdog.batch_ended(done)
-        if e.metrics:
-            for variant in {c.variant for c in self.flight} | {c.variant for c, _ in outcome.finished}:
-                e.metrics.record_memory(variant, self.pools[variant].nbytes(), outcome.peak_bytes)
-            e.metrics.record_step(outcome.seconds, sum(len(c.rows) for c in plan.joining), self._by_scale())
+        outcome = await e.watched("step", self.rows_in_flight(), self._measured, plan)
+        for variant in {c.variant for c in self.flight} | {c.variant for c, _ in outcome.finished}:
+            e.metrics.record_memory(variant, self.pools[variant].nbytes(), outcome.peak_bytes)
+        e.metrics.record_step(outcome.seconds, sum(len(c.rows) for c in plan.joining), self._by_scale())
         return outcome
 
     def _measured(self, plan: StepPlan) -> StepOutcome:
-        with peak_above_start(next(iter(self.core.pipelines.values())).device) as peak:
+        with peak_above_start(self.core.device) as peak:
             outcome = self._compute(plan)
         outcome.peak_bytes = peak.bytes
         return outcome
@@ -198,7 +190,7 @@ class ScaleBatching:
                 self._start(cohort)
             except Exception as error:
                 outcome.failed.append((cohort, error))
-        timer = StageTimer(next(iter(self.core.pipelines.values())).device)
+        timer = StageTimer(self.core.device)
         failed_early = {c for c, _ in outcome.failed}
         for variant in dict.fromkeys(c.variant for c in self.flight):
             cohorts = [c for c in self.flight if c.variant == variant and c not in failed_early]
@@ -282,11 +274,7 @@ class ScaleBatching:
         self._deliver(cohort, out)
 
     def _deliver(self, cohort: Cohort, out: BatchOutput) -> None:
-        e = self.core
-        e.limit.batch_done()
-        if e.metrics:
-            e.metrics.record_batch(cohort.variant, len(cohort.rows), cohort.stage_s)
-        e.deliver(cohort.variant, cohort.rows, dataclasses.replace(out, stage_s=cohort.stage_s))
+        self.core.deliver(cohort.variant, cohort.rows, dataclasses.replace(out, stage_s=cohort.stage_s))
 
     async def _failed(self, cohort: Cohort, error: Exception) -> None:
         e = self.core
@@ -295,7 +283,7 @@ class ScaleBatching:
         if cohort.retry:
             e.log_failure(cohort.variant, cohort.rows, error, "retrying each image alone")
             self.retries += cohort.rows
-            e.wakeup.set()  # a retry may be all there is to do
+            e.requests.notify()  # a retry may be all there is to do
         else:
             e.fail(cohort.variant, cohort.rows, error)
 

@@ -1,7 +1,7 @@
 """The `whole` batching policy: a batch runs every scale of its images before the next batch starts.
 
 A variant's waiting images start as one batch when it has `max_batch_size` of them or its oldest has waited
-`max_wait_s` (`batching.next_batch`); the worker thread runs `pipeline.generate` on them. Faults: a batch that
+`max_wait_s` (`queue.next_batch`); the worker thread runs `pipeline.generate` on them. Faults: a batch that
 raises is retried once image by image, so one poison image fails only its own request; a batch that runs out
 of memory is split in halves and the batch limit is halved for a while; a row whose deadline passed is never
 handed to a batch.
@@ -9,53 +9,52 @@ handed to a batch.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import time
 
 from app.model.sampling import SamplingParams
-from app.serve.batching import BatchRow, DeadlineExceeded, next_batch, row_inputs
-from app.serve.engine_core import EngineCore, requests_of
-from app.serve.worker import BatchOutput, compute, out_of_memory
+from app.serve.engine.core import EngineCore
+from app.serve.engine.requests import BatchRow, requests_of, row_inputs
+from app.serve.engine.watchdog import Unhealthy
+from app.serve.engine.worker import BatchOutput, compute, out_of_memory
 
 
 class WholeBatching:
-    """The engine's scheduler under the `whole` policy."""
+    """The engine's scheduler under the `whole` policy (a `BatchingPolicy`)."""
 
     def __init__(self, core: EngineCore):
         self.core = core
         self.inflight: dict[str, int] = dict.fromkeys(core.pipelines, 0)  # images of the batch computing
 
-    def rows_in_flight(self, variant: str) -> int:
-        return self.inflight[variant]
+    def rows_in_flight(self, variant: str | None = None) -> int:
+        return sum(n for v, n in self.inflight.items() if variant is None or v == variant)
 
     def generation_s(self) -> float:
-        """The running estimate of one generation's seconds (for Retry-After)."""
         return self.core.watchdog.batch_s
 
+    def health(self) -> Unhealthy | None:
+        return None  # its one thread is the core's worker, under the core's watchdog
+
     def close(self) -> None:
-        pass
+        pass  # it holds nothing beyond the core
 
     async def run(self) -> None:
         core = self.core
         while True:
-            core.wakeup.clear()
             now = time.monotonic()
-            core.expire_queued(now)
-            decision = next_batch(core.queue, now, core.limit.current, core.max_wait_s)
+            core.requests.expire(now)
+            decision = core.requests.next_batch(now, core.limit.current, core.max_wait_s)
             if decision.rows:
-                core.queue = [p for p in core.queue if p.rows_waiting]
                 await self._run(decision.rows, retry=True)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(core.wakeup.wait(), decision.wait_s)
+            else:
+                await core.requests.wait_for_work(decision.wait_s)
 
     async def _run(self, rows: list[BatchRow], *, retry: bool) -> None:
         """One batch. If it runs out of memory it is split in halves; if it raises otherwise, each of its
         images is retried once alone (retry), so that only the request of a poison image fails."""
         core = self.core
-        rows = self._admissible(rows)
+        core.requests.expire(time.monotonic(), among=requests_of(rows))  # a request past its deadline: 504 now
+        rows = [r for r in rows if core.requests.awaited(r.pending)]
         if not rows:
             return
         variant = rows[0].pending.variant
@@ -78,41 +77,22 @@ class WholeBatching:
             return
         core.deliver(variant, rows, out)
 
-    def _admissible(self, rows: list[BatchRow]) -> list[BatchRow]:
-        """The rows still awaited and within their deadline; a request past it ends now (504), uncomputed."""
-        core = self.core
-        now = time.monotonic()
-        for p in requests_of(rows):
-            if p in core.futures and p.deadline <= now:
-                core.finish(p, DeadlineExceeded(p.request.timeout_s, computed=p.started is not None))
-        return [r for r in rows if r.pending in core.futures]
-
     async def _execute(self, variant: str, rows: list[BatchRow]) -> BatchOutput:
         core = self.core
         core.mark_started(requests_of(rows))
         labels, params, seeds = row_inputs(rows)
         self.inflight[variant] = len(rows)
-        core.watchdog.batch_started(variant, len(rows))
-        computed = False
         try:
-            out = await asyncio.get_running_loop().run_in_executor(
-                core.executor, self._compute_rows, variant, rows, labels, params, seeds
-            )
-            computed = True
+            out = await core.watched(variant, len(rows), self._compute_rows, variant, rows, labels, params, seeds)
         finally:
-            core.watchdog.batch_ended(computed)
             self.inflight[variant] = 0
-        core.limit.batch_done()
-        if core.metrics:
-            core.metrics.record_batch(variant, len(rows), out.stage_s)
-            core.metrics.record_memory(variant, out.kv_cache_bytes, out.peak_bytes)
+        core.metrics.record_memory(variant, out.kv_cache_bytes, out.peak_bytes)
         return out
 
     def _compute_rows(
         self, variant: str, rows: list[BatchRow], labels: list[int], params: list[SamplingParams], seeds: list[int]
     ) -> BatchOutput:
         """Runs in the worker thread: the batch, the fault hook (tests only), which images are finite."""
-        core = self.core
-        out = compute(core.pipelines[variant], labels, params, seeds)
-        images, finite = core.checked(rows, out.images)
+        out = compute(self.core.pipelines[variant], labels, params, seeds)
+        images, finite = self.core.checked(rows, out.images)
         return dataclasses.replace(out, images=images, finite=finite)

@@ -26,6 +26,9 @@ class Unauthorized(Exception):
 
     CHALLENGE = 'Bearer realm="var-serve"'
 
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required")  # the same answer whatever was wrong with the key
+
 
 class ApiKeys:
     def __init__(self, keys: Iterable[str]):

@@ -1,9 +1,13 @@
-"""The one place that maps engine conditions to HTTP answers, and counts each rejection by reason."""
+"""The one place that maps what a request can end in besides its answer (the engine's errors, the HTTP layer's
+own refusals) to an HTTP answer, and counts each refusal by reason: one table, one handler."""
 
 from __future__ import annotations
 
+import logging
 import math
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,18 +15,42 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from app.serve.auth import Unauthorized
-from app.serve.batching import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull, Rejection
-from app.serve.encoding import NotAcceptable
-from app.serve.metrics import ServeMetrics
+from app.serve.engine import BatchFailed, DeadlineExceeded, Draining, NotReady, QueueFull
+from app.serve.http.auth import Unauthorized
+from app.serve.http.encoding import NotAcceptable
+from app.serve.metrics import Rejection, ServeMetrics
 
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer
 ECHO_MAX_DEPTH = 4  # a 422 echoes an invalid value only when it is nested at most this deep
 MAX_ERRORS = 32  # a 422 lists at most this many violations (a body of a thousand unknown fields is one mistake)
+log = logging.getLogger(__name__)
 
 
 class ClientDisconnected(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How an error is answered: its status, the reason it is counted under, fixed headers. An error with a
+    `retry_after_s` adds Retry-After, one with an `error_id` names it in the body."""
+
+    status: int
+    reason: Rejection
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+ANSWERS: dict[type[Exception], Answer] = {
+    RequestValidationError: Answer(422, Rejection.INVALID),
+    Unauthorized: Answer(401, Rejection.UNAUTHORIZED, {"WWW-Authenticate": Unauthorized.CHALLENGE}),
+    NotAcceptable: Answer(406, Rejection.NOT_ACCEPTABLE),
+    QueueFull: Answer(429, Rejection.QUEUE_FULL),
+    NotReady: Answer(503, Rejection.NOT_READY),
+    Draining: Answer(503, Rejection.DRAINING),
+    DeadlineExceeded: Answer(504, Rejection.DEADLINE),
+    BatchFailed: Answer(500, Rejection.FAILED),
+    ClientDisconnected: Answer(CLIENT_CLOSED, Rejection.CLIENT_DISCONNECTED),
+}
 
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None, error_id: str | None = None) -> Response:
@@ -33,54 +61,30 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None, error
 
 
 def install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
-    def reject(reason: Rejection) -> None:
-        metrics.rejections.labels(reason).inc()
+    """Every error of `ANSWERS` (and its subclasses) answered as the table says, and counted by reason; any
+    other exception is a 500 naming an error id, logged with its traceback."""
 
-    async def on_invalid(request: Request, exc: Exception) -> Response:
-        reject(Rejection.INVALID)
-        assert isinstance(exc, RequestValidationError)
-        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+    async def answer(request: Request, exc: Exception) -> Response:
+        how = next(ANSWERS[t] for t in type(exc).__mro__ if t in ANSWERS)
+        metrics.rejections.labels(how.reason).inc()
+        headers = dict(how.headers)
+        if (retry_after_s := getattr(exc, "retry_after_s", None)) is not None:
+            headers["Retry-After"] = str(retry_after_s)
+        if isinstance(exc, RequestValidationError):
+            return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=how.status)
+        if isinstance(exc, ClientDisconnected):
+            return Response(status_code=how.status)  # nobody reads it
+        return error(how.status, str(exc), headers, getattr(exc, "error_id", None))
 
-    async def on_unauthorized(request: Request, exc: Exception) -> Response:
-        reject(Rejection.UNAUTHORIZED)
-        return error(401, "a valid API key is required", {"WWW-Authenticate": Unauthorized.CHALLENGE})
+    for kind in ANSWERS:
+        app.add_exception_handler(kind, answer)
+    app.add_exception_handler(Exception, unexpected)
 
-    async def on_queue_full(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, QueueFull)
-        reject(exc.rejection)
-        return error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
-    async def on_not_accepting(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, NotAccepting)
-        reject(exc.rejection)
-        return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
-
-    async def on_deadline(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, DeadlineExceeded)
-        reject(exc.rejection)
-        return error(504, str(exc))
-
-    async def on_batch_failed(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, BatchFailed)
-        reject(exc.rejection)
-        return error(500, str(exc), error_id=exc.error_id)
-
-    async def on_not_acceptable(request: Request, exc: Exception) -> Response:
-        reject(Rejection.NOT_ACCEPTABLE)
-        return error(406, str(exc))
-
-    async def on_disconnected(request: Request, exc: Exception) -> Response:
-        reject(Rejection.CLIENT_DISCONNECTED)
-        return Response(status_code=CLIENT_CLOSED)
-
-    app.add_exception_handler(RequestValidationError, on_invalid)
-    app.add_exception_handler(Unauthorized, on_unauthorized)
-    app.add_exception_handler(QueueFull, on_queue_full)
-    app.add_exception_handler(NotAccepting, on_not_accepting)
-    app.add_exception_handler(DeadlineExceeded, on_deadline)
-    app.add_exception_handler(BatchFailed, on_batch_failed)
-    app.add_exception_handler(NotAcceptable, on_not_acceptable)
-    app.add_exception_handler(ClientDisconnected, on_disconnected)
+async def unexpected(request: Request, exc: Exception) -> Response:
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return error(500, f"internal error (error id {error_id})", error_id=error_id)
 
 
 def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from app.model.sampling import SamplingParams
-from app.serve.batching import GenerationRequest
-from app.serve.schemas import SEED_MAX, GenerateRequest
+from app.serve.engine import GenerationRequest
+from app.serve.http.schemas import SEED_MAX, GenerateRequest
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.serve.batching import Rejection
-from app.serve.metrics import ServeMetrics
+from app.serve.metrics import Rejection, ServeMetrics
 
 
 class BodyLimits:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.serve.encoding import MEDIA_TYPES
-from app.serve.schemas import ErrorBody, FailureBody, HealthBody, ValidationErrorBody
+from app.serve.http.encoding import MEDIA_TYPES
+from app.serve.http.schemas import ErrorBody, FailureBody, HealthBody, ValidationErrorBody
 
 Responses = dict[int | str, dict[str, Any]]
 RETRY_AFTER = {

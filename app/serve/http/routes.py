@@ -1,4 +1,7 @@
-"""HTTP routes: thin. Validation is pydantic's and `limits`; batching is the engine's; errors map in `errors`."""
+"""HTTP routes: thin. Validation is pydantic's and `limits`; batching is the engine's; errors map in `errors`.
+
+The routes reach the service through `Backend`, which `app/serve/service.py` implements: the HTTP layer never
+imports the composition root above it."""
 
 from __future__ import annotations
 
@@ -8,22 +11,21 @@ import contextlib
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.model.timing import Stage
-from app.serve import openapi
-from app.serve.batching import GenerationResult
-from app.serve.encoding import ANY_IMAGE, MEDIA_TYPES, NotAcceptable, encode_images, negotiate
-from app.serve.engine import within_deadline
-from app.serve.errors import ClientDisconnected
-from app.serve.json_body import JSONBodyRoute
-from app.serve.limits import to_engine_request
-from app.serve.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
-from app.serve.service import Phase, Service
+from app.serve.engine import Engine, GenerationResult, Lifecycle, Phase, Unhealthy, within_deadline
+from app.serve.http import openapi
+from app.serve.http.encoding import ANY_IMAGE, MEDIA_TYPES, NotAcceptable, encode_images, negotiate
+from app.serve.http.errors import ClientDisconnected
+from app.serve.http.json_body import JSONBodyRoute
+from app.serve.http.limits import Limits, to_engine_request
+from app.serve.http.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
+from app.serve.metrics import ServeMetrics
 
 T = TypeVar("T")
 # three routers, so that the composition root can put API keys on the API, on the operations' routes only when
@@ -34,12 +36,29 @@ page_router = APIRouter()  # the playground
 PLAYGROUND = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
-def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
+class Backend(Protocol):
+    """What the routes need of the service."""
+
+    metrics: ServeMetrics
+    lifecycle: Lifecycle
+
+    def ready_engine(self) -> tuple[Engine, Limits]:
+        """The engine and the request limits, or NotAccepting (503) while not ready."""
+        ...
+
+    def health(self) -> Unhealthy | None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """GET /models."""
+        ...
+
+
+def get_service(request: Request) -> Backend:
+    service: Backend = request.app.state.service
     return service
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+ServiceDep = Annotated[Backend, Depends(get_service)]
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=openapi.GENERATE)
@@ -153,13 +172,14 @@ async def healthz(service: ServiceDep) -> Response:
 @ops_router.get("/readyz", responses=openapi.READYZ)
 async def readyz(service: ServiceDep) -> Response:
     """200 once loaded, compressed and warmed up; 503 while loading, draining, unhealthy or after a failed load."""
-    problem = service.health()
-    if service.phase is Phase.READY and problem is None:
+    problem, life = service.health(), service.lifecycle
+    if life.phase is Phase.READY and problem is None:
         return JSONResponse({"status": "ready"})
-    body = {"status": service.phase.value, "error": service.error}
+    body = {"status": life.phase.value, "error": life.error}
     if problem is not None:
         body = {"status": problem.status, "error": problem.detail}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": str(service.retry_after_s())})
+    retry_after_s = life.retry_after_s(problem.detail if problem else None)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
 @ops_router.get("/metrics", response_class=Response, responses=openapi.METRICS)
