@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.runner import Contender, measure, pipeline_runner
+from app.bench.stats import median
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
@@ -134,7 +134,7 @@ def served_latency(url: str, variant: str, params: SamplingParams, n: int) -> fl
             t0 = time.perf_counter()
             client.post("/generate", json=request_body(variant, params, 1000 + i)).raise_for_status()
             seconds.append(time.perf_counter() - t0)
-    return statistics.median(seconds)
+    return median(seconds)
 
 
 async def _load(url: str, variant: str, params: SamplingParams, concurrency: int, n: int) -> float:

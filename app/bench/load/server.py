@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.load.plan import ServerLimits
+from app.bench.stats import median
 
 MAX_RSS_SAMPLES = 100_000
 
@@ -107,7 +107,7 @@ def rss_growth(samples: Sequence[tuple[float, int]], warmup_s: float, window_s: 
     }
     if not first or not last or end_s - window_s < warmup_s + window_s:
         return out | {"first_median_bytes": None, "last_median_bytes": None, "growth": None}
-    a, b = statistics.median(first), statistics.median(last)
+    a, b = median(first), median(last)
     return out | {"first_median_bytes": a, "last_median_bytes": b, "growth": b / a - 1}
 
 
