@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench import prometheus_text
 from app.bench.runner import Contender, measure, pipeline_runner
 from app.bench.stats import median
 from app.compress import apply_variant
@@ -112,13 +112,9 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 def mean_batch_size(url: str, variant: str) -> tuple[float, float]:
     """(sum, count) of var_batch_size_images for the variant, from /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("var_batch_size_images_") and s.labels.get("variant") == variant:
-                found[s.name.rsplit("_", 1)[1]] = s.value
-    return found["sum"], found["count"]
+    samples = prometheus_text.scrape(f"{url}/metrics")
+    sums = prometheus_text.total(samples, "var_batch_size_images_sum", variant=variant)
+    return sums, prometheus_text.total(samples, "var_batch_size_images_count", variant=variant)
 
 
 def request_body(variant: str, params: SamplingParams, seed: int) -> dict[str, Any]:

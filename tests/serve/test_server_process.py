@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.bench.prometheus_text import scrape, total
 from app.bench.served import free_port, wait_ready
 from tests.serve.conftest import LiveServer, live_server_process
 
@@ -58,11 +59,8 @@ def wait_for(condition: str, check: Callable[[], bool], limit_s: float = 60) -> 
 
 
 def images_in_progress(server: LiveServer) -> bool:
-    text = httpx.get(f"{server.url}/metrics").text
-    return any(
-        line.startswith(("var_inflight_images", "var_queue_depth_images")) and not line.endswith(" 0.0")
-        for line in text.splitlines()
-    )
+    samples = scrape(f"{server.url}/metrics")
+    return total(samples, "var_inflight_images") + total(samples, "var_queue_depth_images") > 0
 
 
 @contextmanager
