@@ -32,8 +32,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
+from app.bench.launcher import free_port
 from app.bench.prometheus_text import Samples, scrape, total
-from app.bench.served import free_port
 from app.ray_serve import DEPLOYMENT_NAME, RayServeArgs, build_app, deployment_options
 from app.ray_serve.targets import read_targets
 from app.serve.settings import ServeSettings
