@@ -36,8 +36,9 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, limit_s: float = 600, *,
-               answering: bool = False) -> None:  # fmt: skip
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes] | None = None, limit_s: float = 600, *, answering: bool = False
+) -> None:
     """Until GET /readyz answers 200, or answers at all (`answering`: the server is up, maybe still loading).
     RuntimeError as soon as the process exits or the server reports that its load failed (it will never be
     ready: say why now, not after limit_s); TimeoutError after limit_s."""
