@@ -32,7 +32,7 @@ status, body = {
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        data = json.dumps(body | {"extra": os.environ.get("VAR_EXTRA")}).encode()
+        data = json.dumps(body | {"extra": os.environ.get("STAND_IN_EXTRA")}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -51,7 +51,7 @@ def stand_in(mode: str) -> list[str]:
 
 def test_ready_when_entered_with_its_settings_and_stopped_by_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    with launched({"VAR_EXTRA": "x"}, log, command=stand_in("ready"), ready_limit_s=30) as server:
+    with launched({"STAND_IN_EXTRA": "x"}, log, command=stand_in("ready"), ready_limit_s=30) as server:
         assert server.url.startswith("http://127.0.0.1:") and server.log == log
         assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready", "extra": "x"}
         assert server.proc.poll() is None
