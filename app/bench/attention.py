@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from app.bench.runner import samples_in_turns
+from app.bench.stats import median
 from app.compress.attention import SPARSE_KERNELS, KeyTiles, PlannedAttention, Route, route_for
 from app.compress.attention_passes import WindowedAttention
 from app.compress.hardware import detect
@@ -108,7 +108,7 @@ def medians_in_turns(
     calls: list[Callable[[], object]], repeats: int, device: torch.device, clock: str = "wall"
 ) -> list[float]:
     """Median time of each call, the calls run in turns (one warm-up each first)."""
-    return [statistics.median(s) for s in samples_in_turns(calls, repeats, clock=CLOCKS[clock], device=device)]
+    return [median(s) for s in samples_in_turns(calls, repeats, clock=CLOCKS[clock], device=device)]
 
 
 def time_scale(

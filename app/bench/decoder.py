@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any, Literal, cast, get_args
 import torch
 
 from app.bench.runner import bench_labels
+from app.bench.stats import median
 from app.compress.compiled import configure_dynamo, own_code
 from app.compress.decoder import native_bf16_decoder, prepack_decoder, store_convs_in_bf16
 from app.compress.hardware import detect
@@ -181,7 +181,7 @@ def measure(forms: list[Form], vqvaes: dict[Precision, VQVAE], f_hat: torch.Tens
             timings[form].seconds_all.append(wall)
             timings[form].cpu_seconds_all.append(cpu)
     for t in timings.values():
-        t.seconds, t.cpu_seconds = statistics.median(t.seconds_all), statistics.median(t.cpu_seconds_all)
+        t.seconds, t.cpu_seconds = median(t.seconds_all), median(t.cpu_seconds_all)
     return list(timings.values())
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from app.bench.runner import samples_in_turns
+from app.bench.stats import median
 from app.compress.hardware import COMPILABLE_INT8, bf16_native, detect, int8_kernel
 from app.compress.int4 import Int4WeightLinear
 from app.compress.quantize import DEFAULT_BF16, DEFAULT_INT4, DEFAULT_INT8, BF16WeightLinear, Int8Linear
@@ -119,7 +119,7 @@ def time_layer(layer: str, shape: tuple[int, int], rows: int, repeats: int, comp
     calls = _callables(layer, lin, compile_too)
     seconds = samples_in_turns([functools.partial(call, x) for call in calls.values()], repeats, warmups=2)
     return [
-        Timing(layer, *shape, rows, option, mode, 1e3 * statistics.median(s), 1e3 * min(s), [1e3 * t for t in s])
+        Timing(layer, *shape, rows, option, mode, 1e3 * median(s), 1e3 * min(s), [1e3 * t for t in s])
         for (option, mode), s in zip(calls, seconds, strict=True)
     ]
 

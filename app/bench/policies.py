@@ -7,8 +7,9 @@ sends its next request when its last is answered), which keeps batches full with
 then open-loop Poisson arrivals at each `--levels` fraction of the `whole` policy's capacity, the same arrival
 times and requests for both policies, the policies in alternating order over `--repeats`.
 
-Per policy and level it prints the latency percentiles (arrival to images), the wait until the request's
-first step, images/s completed, and the `scale` policy's p99 and throughput against `whole`'s.
+Per policy and level it prints the latency percentiles (arrival to images; `app.bench.stats`: interpolated
+between the closest ranks), the wait until the request's first step, images/s completed, and the `scale`
+policy's p99 and throughput against `whole`'s.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import asyncio
 import copy
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from app.bench.offline import ensure_plans
+from app.bench.stats import median, percentile
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import get_preset
@@ -50,11 +50,6 @@ class Run:
     p99_s: float
     first_step_p50_s: float  # arrival to the start of the request's first step (batch)
     first_step_p95_s: float
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def make_engine(pipes: dict[str, VARPipeline], policy: str, max_batch_size: int, max_wait_s: float) -> Engine:
@@ -119,8 +114,8 @@ def measure(pipes: dict[str, VARPipeline], policy: str, level: float, requests: 
     latencies, waits, span = asyncio.run(drive(engine, requests, arrivals, 2 * a.max_batch_size))
     return Run(
         policy, level, len(requests), len(requests) / span,
-        percentile(latencies, 0.5), percentile(latencies, 0.95), percentile(latencies, 0.99),
-        percentile(waits, 0.5), percentile(waits, 0.95),
+        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
+        percentile(waits, 50), percentile(waits, 95),
     )  # fmt: skip
 
 
@@ -201,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 def median_run(runs: list[Run], policy: str, level: float) -> Run:
     mine = [r for r in runs if r.policy == policy and r.level == level]
     fields = {
-        k: statistics.median(getattr(r, k) for r in mine)
-        for k in asdict(mine[0])
-        if k not in ("policy", "level", "requests")
+        k: median(getattr(r, k) for r in mine) for k in asdict(mine[0]) if k not in ("policy", "level", "requests")
     }
     return Run(policy, level, mine[0].requests, **fields)
 

@@ -10,13 +10,13 @@ each layer type ran, read from the installed modules.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from app.bench.stats import median
 from app.compress.hardware import detect, detected
 from app.compress.quantize import layer_kernels
 from app.model import memory
@@ -169,22 +169,22 @@ def describe_kernels(record: BenchRecord, pipe: VARPipeline | None) -> None:
 
 
 def _record(variant: str, s: Samples, preset: str, device: str, batch_size: int, probe: list[float]) -> BenchRecord:
-    median = statistics.median(s.totals)
+    seconds = median(s.totals)
     return BenchRecord(
         variant=variant,
         preset=preset,
         device=device,
         batch_size=batch_size,
         runs=len(s.totals),
-        seconds_per_batch=median,
+        seconds_per_batch=seconds,
         seconds_per_batch_all=s.totals,
-        images_per_second=batch_size / median,
+        images_per_second=batch_size / seconds,
         peak_rss_bytes=s.peak_rss,
         inference_rss_bytes=s.inference_rss,
         peak_gpu_bytes=s.peak_gpu,
-        stages={k: statistics.median(st.get(k, 0.0) for st in s.stages) for k in s.stages[0]},
+        stages={k: median(st.get(k, 0.0) for st in s.stages) for k in s.stages[0]},
         threads=torch.get_num_threads(),
-        machine_gflops=statistics.median(probe) if probe else None,
+        machine_gflops=median(probe) if probe else None,
         machine_gflops_all=probe,
     )
 

@@ -13,10 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -27,9 +23,11 @@ from typing import Any
 
 import httpx
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench import prometheus_text
+from app.bench.launcher import launched, wait_ready
 from app.bench.runner import Contender, measure, pipeline_runner
+from app.bench.stats import median
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
@@ -54,71 +52,11 @@ class ServeRecord:
     torch_version: str = torch.__version__
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, limit_s: float = 600) -> None:
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            ready = httpx.get(f"{url}/readyz", timeout=5)
-        except httpx.TransportError:
-            ready = None
-        if ready is not None and ready.status_code == 200:
-            return
-        if ready is not None and ready.json().get("status") == "failed":  # it will never be ready: say why now
-            raise RuntimeError(f"server failed to load: {ready.json().get('error')}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {limit_s} s")
-
-
-@contextmanager
-def start_server(
-    env: dict[str, str], log: Path | None = None, ready_limit_s: float = 600
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`python -m app.serve` on a free loopback port with the given VAR_* settings, ready within ready_limit_s
-    (else TimeoutError); stopped on exit."""
-    port = free_port()
-    full_env = os.environ | env | {"VAR_HOST": "127.0.0.1", "VAR_PORT": str(port)}
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "app.serve"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, ready_limit_s)
-        yield url, proc
-    finally:
-        stop_process(proc, 60)
-        if log and not isinstance(out, int):
-            out.close()
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited within grace_s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def mean_batch_size(url: str, variant: str) -> tuple[float, float]:
     """(sum, count) of var_batch_size_images for the variant, from /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("var_batch_size_images_") and s.labels.get("variant") == variant:
-                found[s.name.rsplit("_", 1)[1]] = s.value
-    return found["sum"], found["count"]
+    samples = prometheus_text.scrape(f"{url}/metrics")
+    sums = prometheus_text.total(samples, "var_batch_size_images_sum", variant=variant)
+    return sums, prometheus_text.total(samples, "var_batch_size_images_count", variant=variant)
 
 
 def request_body(variant: str, params: SamplingParams, seed: int) -> dict[str, Any]:
@@ -134,7 +72,7 @@ def served_latency(url: str, variant: str, params: SamplingParams, n: int) -> fl
             t0 = time.perf_counter()
             client.post("/generate", json=request_body(variant, params, 1000 + i)).raise_for_status()
             seconds.append(time.perf_counter() - t0)
-    return statistics.median(seconds)
+    return median(seconds)
 
 
 async def _load(url: str, variant: str, params: SamplingParams, concurrency: int, n: int) -> float:
@@ -241,8 +179,8 @@ def target(a: argparse.Namespace) -> Iterator[str]:
         "VAR_QUEUE_CAPACITY": str(max(64, 2 * a.concurrency)),
         "VAR_DEVICE": a.device,
     }
-    with start_server(env, a.server_log) as (url, _):
-        yield url
+    with launched(env, a.server_log) as server:
+        yield server.url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.bench.served import free_port, start_server, stop_process
+from app.bench.launcher import free_port, launched, stop_process
 from tests.deploy.dashboard import (
     ROOT,
     VARIANT_VALUES,
@@ -189,12 +189,12 @@ def test_every_dashboard_query_answers_on_a_live_prometheus(tmp_path: Path) -> N
     dashboard = load()
     budget = Budget(BUDGET_S)
     with (
-        start_server(SERVER_ENV, tmp_path / "server.log", ready_limit_s=30) as (url, _),
-        prometheus(url.removeprefix("http://"), tmp_path, budget) as prom,
+        launched(SERVER_ENV, tmp_path / "server.log", ready_limit_s=30) as server,
+        prometheus(server.url.removeprefix("http://"), tmp_path, budget) as prom,
     ):
         # the first scrape of the ready server: every counter and histogram at 0, so rate() sees the traffic
         budget.wait_for("a first scrape", lambda: prom.scalar("max(var_ready)") == 1, 15)
-        statuses = send_traffic(url)
+        statuses = send_traffic(server.url)
         answered = statuses.total()
         budget.wait_for(
             f"Prometheus seeing the {answered} answers",

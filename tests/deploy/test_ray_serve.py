@@ -28,12 +28,12 @@ import httpx
 import pytest
 import ray
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from app.bench.served import free_port
+from app.bench.launcher import free_port
+from app.bench.prometheus_text import Samples, scrape, total
 from app.ray_serve import DEPLOYMENT_NAME, RayServeArgs, build_app, deployment_options
 from app.ray_serve.targets import read_targets
 from app.serve.settings import ServeSettings
@@ -182,26 +182,13 @@ class LocalServe:
             return
         serve.run(build_app(self.args), name=APP_NAME, route_prefix="/", blocking=False)
 
-    def replica_metrics(self) -> dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    def replica_metrics(self) -> dict[str, Samples]:
         """Each replica's samples, scraped where its target file says, as Prometheus does."""
         return {address: scrape(f"http://{address}/metrics") for address in read_targets(self.targets_dir)}
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(url, timeout=10).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def generate(url: str, seed: int) -> httpx.Response:
     return httpx.post(f"{url}/generate", json={"class_label": seed % 10, "seed": seed}, timeout=60)
-
-
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
 
 
 def descendants(pid: int) -> set[int]:

@@ -3,12 +3,10 @@ record, block or fail, and a TestClient of a ready service."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import app.serve.service as service_module
-from app.bench.served import start_server
+from app.bench.launcher import ServerProcess, launched
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import DEMO
 from app.model.kv_cache import KVLease, KVPool, ScaleStep
@@ -181,19 +179,15 @@ class Failing(Recording):
         super().step_all(rollouts, timer)
 
 
-@dataclass
-class LiveServer:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+LiveServer = ServerProcess  # url, proc, log
 
 
 @contextmanager
 def live_server_process(folder: Path, log: Path, **env: str) -> Iterator[LiveServer]:
-    """`python -m app.serve` in a subprocess on a free 127.0.0.1 port, ready when entered."""
+    """`python -m app.serve` in a subprocess on a free 127.0.0.1 port, ready when entered; SIGTERM on exit."""
     values = {"VAR_MODEL_DIR": str(folder), "VAR_WARMUP": "false", "VAR_MAX_BATCH_SIZE": "4", "OMP_NUM_THREADS": "1"}
-    with start_server(values | env, log) as (url, proc):
-        yield LiveServer(url, proc, log)
+    with launched(values | env, log) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

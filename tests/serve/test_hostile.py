@@ -21,6 +21,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.bench.prometheus_text import NO_LABELS, scrape
 from app.serve.http.json_body import MAX_DEPTH
 from app.serve.http.middleware import BodyLimits
 from app.serve.metrics import Rejection, ServeMetrics
@@ -304,8 +305,7 @@ def test_connections_beyond_the_limit_get_503_and_the_server_stays_up(server: Li
 
 def test_memory_stays_bounded_under_repeated_hostile_inputs(server: LiveServer) -> None:
     def rss() -> float:
-        text = httpx.get(f"{server.url}/metrics", timeout=10).text
-        return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("process_resident_memory_bytes"))
+        return scrape(f"{server.url}/metrics")["process_resident_memory_bytes", NO_LABELS]
 
     hostile = [
         b'{"class_name": ' + b"[" * 5000 + b"]" * 5000 + b"}",

@@ -8,26 +8,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench.prometheus_text import Samples, parse, value
 from app.serve.metrics import LATENCY_BUCKETS
 from tests.serve.conftest import serve_settings, serving
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(client: TestClient) -> Samples:
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return parse(r.text)
 
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:

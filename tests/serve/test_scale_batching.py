@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench.prometheus_text import NO_LABELS, parse
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder
 from app.model.kv_cache import KVLease
@@ -169,9 +169,9 @@ def test_through_the_api_requests_arriving_during_generations_join_them_bitwise_
         ref = pipe.generate([body["class_label"]] * n, seeds=[body["seed"] + i for i in range(n)])
         got = [base64.b64decode(im["data"]) for im in answer["images"]]
         assert got == encode_images(ref.images, "png"), f"{body} differs from its request alone"
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    samples = parse(text)
     steps = len(pipes["baseline"].steps)
-    assert samples["var_step_duration_seconds_count"] < steps * len(bodies)  # generations overlapped
+    assert samples["var_step_duration_seconds_count", NO_LABELS] < steps * len(bodies)  # generations overlapped
 
 
 class SignalsDone(Recording):

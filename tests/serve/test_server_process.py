@@ -8,10 +8,8 @@ that a signal surely arrives while work is in progress (the demo model computes 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -24,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.bench.served import free_port, wait_ready
+from app.bench import launcher
+from app.bench.prometheus_text import scrape, total
 from tests.serve.conftest import LiveServer, live_server_process
 
 LAUNCHER = """
@@ -58,11 +57,8 @@ def wait_for(condition: str, check: Callable[[], bool], limit_s: float = 60) -> 
 
 
 def images_in_progress(server: LiveServer) -> bool:
-    text = httpx.get(f"{server.url}/metrics").text
-    return any(
-        line.startswith(("var_inflight_images", "var_queue_depth_images")) and not line.endswith(" 0.0")
-        for line in text.splitlines()
-    )
+    samples = scrape(f"{server.url}/metrics")
+    return total(samples, "var_inflight_images") + total(samples, "var_queue_depth_images") > 0
 
 
 @contextmanager
@@ -70,24 +66,14 @@ def launched(
     folder: Path, log: Path, *, slow_batch_s: float = 0.0, slow_load_s: float = 0.0, ready: bool = True, **env: str
 ) -> Iterator[LiveServer]:
     """`python -m app.serve`'s main through LAUNCHER on a free 127.0.0.1 port; ready when entered, or only
-    answering (ready=False). Killed on exit if still running."""
-    port = free_port()
+    answering (ready=False). Killed on exit if still running: the tests send their own signals, and a failed
+    one should not wait on a drain."""
     values = {"VAR_MODEL_DIR": str(folder), "VAR_VARIANTS": "baseline", "VAR_WARMUP": "false", "OMP_NUM_THREADS": "1"}
-    full_env = os.environ | values | env | {"VAR_HOST": "127.0.0.1", "VAR_PORT": str(port)}
     command = [sys.executable, "-c", LAUNCHER, str(slow_batch_s), str(slow_load_s)]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            if ready:
-                wait_ready(url, proc, limit_s=120)
-            else:
-                wait_for("the server to answer", lambda: readiness(url) is not None, limit_s=120)
-            yield LiveServer(url, proc, log)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with launcher.launched(
+        values | env, log, command=command, ready=ready, ready_limit_s=120, stop_grace_s=0
+    ) as server:
+        yield server
 
 
 def readiness(url: str) -> str | None:

@@ -1,6 +1,6 @@
 """`python -m app.bench load`: open-loop load on loopback; every request answered, none late, no 5xx.
 
-The tool starts the server (`start_server`, VAR_VARIANTS from `--variants`) or targets `--url` (127.0.0.1
+The tool starts the server (`app.bench.launcher`, VAR_VARIANTS from `--variants`) or targets `--url` (127.0.0.1
 only). It measures the capacity in images per second with a short closed-loop burst (or takes
 `--capacity`), then sends requests at precomputed arrival times, whatever the answers: the offered load
 follows a profile in multiples of that capacity. `ramp` (`make loadtest`): from idle to 1x, up to `--peak`

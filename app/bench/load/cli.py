@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.bench.launcher import launched, wait_ready
 from app.bench.load.client import ConnectionPerRequest, run_schedule
 from app.bench.load.plan import LOOPBACK, Mix, ServerLimits, arrival_times, plan_requests, ramp_profile, steady_profile
 from app.bench.load.report import failures, print_report, summarize
 from app.bench.load.server import RssSampler, measure_capacity, rss_growth, server_info
-from app.bench.served import start_server, wait_ready
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ def target(a: argparse.Namespace) -> Iterator[tuple[str, int | None, Any]]:
     threads = str(a.torch_threads)
     env = {"VAR_MODEL_DIR": str(a.model_dir), "VAR_VARIANTS": ",".join(a.variant_list)}
     env |= {"VAR_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads} | dict(a.set)
-    with start_server(env, a.server_log, ready_limit_s=a.ready_limit_s) as (url, proc):
-        yield url, proc.pid, proc
+    with launched(env, a.server_log, ready_limit_s=a.ready_limit_s) as server:
+        yield server.url, server.proc.pid, server.proc
 
 
 def machine() -> dict[str, Any]:

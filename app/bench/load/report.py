@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from app.bench.load.client import Outcome, RunResult, problems
 from app.bench.load.plan import KINDS, Segment
+from app.bench.stats import percentile
 
 
 # ---- the report ----------------------------------------------------------------------------------
 def percentile_ms(values: Sequence[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return 1000 * values[0]
-    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+    """The q-th percentile of `values` (seconds) in milliseconds (app.bench.stats); None for no values, which
+    the JSON keeps as null and the table prints as "-"."""
+    return 1000 * percentile(values, q) if values else None
 
 
 def status_key(o: Outcome) -> str:

@@ -5,39 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from app.bench import prometheus_text
 from app.bench.load.plan import ServerLimits
+from app.bench.stats import median
 
 MAX_RSS_SAMPLES = 100_000
 
 
 # ---- the server's side ---------------------------------------------------------------------------
-def metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            yield s.name, s.labels, s.value
+async def metrics(client: httpx.AsyncClient) -> prometheus_text.Samples:
+    return prometheus_text.parse((await client.get("/metrics")).text)
 
 
 async def rejections(client: httpx.AsyncClient) -> dict[str, float]:
-    text = (await client.get("/metrics")).text
-    return {lab["reason"]: v for name, lab, v in metric_samples(text) if name == "var_rejections_total"}
+    return prometheus_text.by_label(await metrics(client), "var_rejections_total", "reason")
 
 
 async def server_info(client: httpx.AsyncClient) -> dict[str, str]:
-    text = (await client.get("/metrics")).text
-    for name, labels, _ in metric_samples(text):
-        if name == "var_model_info":
-            return dict(labels)
-    return {}
+    return prometheus_text.labels_of(await metrics(client), "var_model_info") or {}
 
 
 def proc_rss_bytes(pid: int) -> int | None:
@@ -54,9 +47,9 @@ async def process_metric(client: httpx.AsyncClient, name: str) -> float | None:
     """A metric of the process collector (process_resident_memory_bytes, process_cpu_seconds_total)."""
     try:
         text = (await client.get("/metrics")).text
-    except Exception:
+    except Exception:  # the sampler runs through the whole load: a missed sample is no reason to stop it
         return None
-    return next((value for sample, _, value in metric_samples(text) if sample == name), None)
+    return prometheus_text.first(prometheus_text.parse(text), name)
 
 
 def proc_cpu_seconds(pid: int) -> float | None:
@@ -107,7 +100,7 @@ def rss_growth(samples: Sequence[tuple[float, int]], warmup_s: float, window_s: 
     }
     if not first or not last or end_s - window_s < warmup_s + window_s:
         return out | {"first_median_bytes": None, "last_median_bytes": None, "growth": None}
-    a, b = statistics.median(first), statistics.median(last)
+    a, b = median(first), median(last)
     return out | {"first_median_bytes": a, "last_median_bytes": b, "growth": b / a - 1}
 
 
