@@ -18,7 +18,7 @@ from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
 from app.compress.quantize import MixedPrecision, quantize_linears
-from app.compress.registry import PassFn, PassSpec, Step, VariantSpec
+from app.compress.registry import PassFn, PassSpec, PlanKind, Step, VariantSpec
 from app.compress.sharing import SharingPlan
 from app.compress.windows import WindowPlan
 from app.model.pipeline import VARPipeline
@@ -36,8 +36,8 @@ def device_default_precision(pipe: VARPipeline) -> VARPipeline:
     return autocast_bf16(pipe) if pipe.device.type == "cuda" else pipe
 
 
-def _spec(function: PassFn, options_type: type[Any] | None, summary: str) -> PassSpec:
-    return PassSpec(function.__name__, function, options_type, summary)
+def _spec(function: PassFn, options_type: type[Any] | None, summary: str, plan: PlanKind | None = None) -> PassSpec:
+    return PassSpec(function.__name__, function, options_type, summary, plan)
 
 
 DEVICE_DEFAULT_PRECISION = _spec(
@@ -54,12 +54,14 @@ WINDOWED_ATTENTION = _spec(
     windowed_attention,
     WindowedAttention,
     "Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.",
+    PlanKind.WINDOWS,
 )
 CFG_ATTENTION_SHARING = _spec(
     cfg_attention_sharing,
     CfgSharing,
     "Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention where the "
     "checkpoint's sharing plan allows it.",
+    PlanKind.SHARING,
 )
 QUANTIZE_LINEARS = _spec(
     quantize_linears,

@@ -22,7 +22,7 @@ from app.compress import (
 from app.compress.attention import PlannedAttention
 from app.compress.attention_passes import MissingWindowPlan
 from app.compress.guidance import GuidanceOff, guidance_off_last
-from app.compress.registry import PassSpec, Step
+from app.compress.registry import PassSpec, PlanKind, Step
 from app.compress.windows import WindowPlan, WindowSettings
 from app.model.checkpoint import random_pipeline
 from app.model.config import DEMO
@@ -115,3 +115,17 @@ def test_windowed_attention_refuses_without_a_plan_and_uses_a_given_one(demo_sha
     pipe = apply_variant("windows", copy.deepcopy(demo_shaped), window_plan=plan)
     kernels = [blk.attn.kernel for blk in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {5, 6} for k in kernels)
+
+
+def test_every_variant_takes_the_plans_of_its_attention_passes() -> None:
+    takes = {name: v.plans() for name, v in VARIANTS.items()}
+    windows, sharing = PlanKind.WINDOWS, PlanKind.SHARING
+    both = {"litevar", "litevar-float", "fastest", "fastest-int8"}
+    assert {name for name, kinds in takes.items() if kinds == {windows, sharing}} == both
+    assert takes["windows"] == {windows} and takes["cfg-share"] == {sharing}
+    assert all(not kinds for name, kinds in takes.items() if name not in {*both, "windows", "cfg-share"})
+
+
+def test_a_pass_said_to_take_a_plan_must_have_a_plan_argument() -> None:
+    with pytest.raises(TypeError, match="guidance_off_last takes a window plan but has no keyword argument `plan`"):
+        PassSpec("guidance_off_last", guidance_off_last, GuidanceOff, "summary", PlanKind.WINDOWS)
