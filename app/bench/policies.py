@@ -20,7 +20,6 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from app.bench.offline import ensure_plans
+from app.bench.offline import bench_plans
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder, random_pipeline
 from app.model.config import get_preset
@@ -134,11 +133,11 @@ def poisson(rate: float, n: int, rng: random.Random) -> list[float]:
 
 
 def load_pipelines(a: argparse.Namespace) -> dict[str, VARPipeline]:
-    base = load_folder(a.model_dir) if a.preset is None else random_pipeline(get_preset(a.preset))
-    workdir = Path(tempfile.mkdtemp(prefix="var-policies-"))
-    ensure_plans(base, workdir, a.variant_list, window_plan=None)
+    folder = a.model_dir if a.preset is None else None
+    base = load_folder(folder) if folder is not None else random_pipeline(get_preset(a.preset))
+    plans = bench_plans(base, folder, a.variant_list, window_plan=None)
     base.to(a.device)
-    return {v: apply_variant(v, copy.deepcopy(base)) for v in a.variant_list}
+    return {v: apply_variant(v, copy.deepcopy(base), plans=plans) for v in a.variant_list}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -2,9 +2,10 @@
 pipeline -> pipeline (in place) registered with its typed options and summary in `PASSES`.
 
 Passes keep every `state_dict` key of the checkpoint (a quantized layer adds its `weight_scale`), so every
-variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer;
-its plan is the one saved beside the checkpoint unless the caller gives one (`apply_variant(window_plan=...)`),
-and so is the sharing plan that scopes attention sharing across CFG (`apply_variant(sharing_plan=...)`).
+variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer.
+The window plan it takes and the sharing plan that scopes attention sharing across CFG are calibrated for the
+checkpoint's weights: `apply_variant` takes them (`Plans`) from the caller, who gets them from `plans_for`
+(plans.py), and no pass reads a file.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_att
 from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.plans import NO_PLANS, Plans
 from app.compress.quantize import MixedPrecision, quantize_linears
 from app.compress.registry import PassFn, PassSpec, PlanKind, Step, VariantSpec
-from app.compress.sharing import SharingPlan
-from app.compress.windows import WindowPlan
 from app.model.pipeline import VARPipeline
 
 
@@ -167,18 +167,17 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
-def apply_variant(
-    name: str, pipe: VARPipeline, *, window_plan: WindowPlan | None = None, sharing_plan: SharingPlan | None = None
-) -> VARPipeline:
+def apply_variant(name: str, pipe: VARPipeline, *, plans: Plans = NO_PLANS) -> VARPipeline:
     """Apply the named variant's passes in order (in place; copy the pipeline first to keep the original).
 
-    `window_plan`: the plan its windowed attention uses (one calibrated at load, say); None: the plan saved
-    beside the checkpoint, refusing (MissingWindowPlan) when there is none. `sharing_plan` likewise for
-    attention sharing across CFG (MissingSharingPlan)."""
-    given = {WINDOWED_ATTENTION: window_plan, CFG_ATTENTION_SHARING: sharing_plan}
-    for step in variant_spec(name).steps:
-        plan = given.get(step.spec)
-        pipe = step.run(pipe, plan=plan) if plan is not None else step.run(pipe)
+    `plans`: the checkpoint's plans its passes take (`plans_for` finds, loads or calibrates them); a pass
+    whose plan is not among them raises PlanNotGiven naming the plan."""
+    spec, needed_by = variant_spec(name), f"variant {name!r}"
+    for kind in spec.plans():  # all checked before any pass runs: a refusal leaves `pipe` as it was
+        plans.require(kind, needed_by)
+    for step in spec.steps:
+        takes = step.spec.plan
+        pipe = step.run(pipe) if takes is None else step.run(pipe, plan=plans.require(takes, needed_by))
     return pipe
 
 
