@@ -137,8 +137,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     # int8 and bf16 weights only where the hardware table's kernels for them trace and beat float32 (VNNI, AMX,
     # CUDA; bf16 where native); on AVX2 every layer stays float32, as fbgemm's int8 layers cannot be compiled.
-    # AdaLN stays float32: int4 unpacks its weights at every generation, slower than the float32 GEMV (d16
-    # ada_lin.1, 2 rows: 9.3 ms against 3.6, `python -m app.bench kernels --layers ada_lin.1`, AVX-512 EPYC).
+    # AdaLN stays float32: int4 unpacks its weights at every generation, slower than the float32 GEMV (figures:
+    # docs/benchmarks.md, "AdaLN in int4").
     "fastest": VariantSpec(
         "the passes that pay most: LiteVAR's attention passes, int8 and bf16 weights where this hardware "
         "computes them fast under compile, the bf16 decoder, guidance off for the last scale, the rest compiled",
