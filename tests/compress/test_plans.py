@@ -151,7 +151,8 @@ def test_a_window_plan_file_replaces_the_saved_one(folder: Path, tmp_path: Path,
     found = plans_for(small, folder, [WINDOWS], window_plan_file=given)
     assert found.windows_origin is PlanOrigin.GIVEN
     assert found.windows is not None and int(found.windows.windows[0, 2, 2, 0]) == 2
-    assert plans_for(small, folder, [CFG_SHARE], calibrate_missing=True, calibration=FEW).windows is None
+    unwindowed = plans_for(small, folder, [CFG_SHARE], calibrate_missing=True, calibration=FEW, window_plan_file=given)
+    assert unwindowed.windows is None and unwindowed.sharing is not None  # no variant takes a window plan
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a window plan"):
         plans_for(small, folder, [WINDOWS], window_plan_file=tmp_path / "junk.safetensors")
