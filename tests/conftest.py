@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from app.compress import apply_variant, variant_spec
+from app.compress.plans import plans_for
 from app.model.checkpoint import load_folder
 from app.model.pipeline import VARPipeline
 
@@ -19,3 +21,9 @@ SHARED_ALN = DATA / "var_official_shared_aln"
 def tiny_pipeline() -> VARPipeline:
     """The official tiny fixture model (depth 2, separate AdaLN), loaded strictly."""
     return load_folder(TINY)
+
+
+def load_variant(name: str, folder: Path = DEMO) -> VARPipeline:
+    """The checkpoint in `folder` under variant `name`, with the plans saved beside it."""
+    pipe = load_folder(folder)
+    return apply_variant(name, pipe, plans=plans_for(pipe, folder, [variant_spec(name)]))

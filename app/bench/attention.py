@@ -35,6 +35,7 @@ from app.bench.stats import median
 from app.compress.attention import SPARSE_KERNELS, KeyTiles, PlannedAttention, Route, route_for
 from app.compress.attention_passes import WindowedAttention
 from app.compress.hardware import detect
+from app.compress.plans import load_window_plan
 from app.compress.windows import WindowPlan, band_plan
 from app.model.blocks import DenseAttention
 from app.model.checkpoint import folder_config
@@ -204,9 +205,7 @@ def load_plan(a: argparse.Namespace, config: PipelineConfig) -> WindowPlan:
     var = config.var
     if a.plan is None:
         return band_plan(var.depth, var.num_heads, var.patch_nums, a.keep)
-    plan = WindowPlan.load(a.plan)
-    plan.check_fits(var.depth, var.num_heads, var.patch_nums)
-    return plan
+    return load_window_plan(a.plan, var)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

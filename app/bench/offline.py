@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -24,16 +23,19 @@ from typing import Any
 import torch
 
 from app.bench.runner import BenchRecord, Contender, add_speedups, measure, pipeline_runner
-from app.compress import CFG_ATTENTION_SHARING, VARIANTS, WINDOWED_ATTENTION, apply_variant
+from app.compress import VARIANTS, apply_variant
 from app.compress.attention_passes import attention_flops
-from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
-from app.compress.sharing import SHARING_PLAN_FILE, SharingSettings
-from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
+from app.compress.plans import Calibration, Plans, plans_for
+from app.compress.sharing import SharingSettings
+from app.compress.windows import WindowSettings
 from app.model.checkpoint import load_folder, open_pipeline
 from app.model.config import PRESETS
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.timing import Stage
+
+# missing plans are calibrated on 4 images: on random weights a plan measures the mechanism, not a model
+FOUR_IMAGES = Calibration(WindowSettings(batches=1, batch_size=4), SharingSettings(batches=1, batch_size=4))
 
 
 def print_table(records: list[BenchRecord], reference: str) -> None:
@@ -134,11 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
+def contenders(a: argparse.Namespace, base: VARPipeline, plans: Plans) -> Iterator[Contender]:
     """Every variant, each built from a copy of `base`, and the official code when asked for."""
     params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
     for name in a.variant_list:
-        pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base)
+        pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base, plans=plans)
         yield Contender(name, pipeline_runner(pipe, params), pipe)
     if a.official_src is not None:
         from app.bench.official import official_runners
@@ -147,44 +149,20 @@ def contenders(a: argparse.Namespace, base: VARPipeline) -> Iterator[Contender]:
             yield Contender(name, runner, None)
 
 
-def ensure_plans(base: VARPipeline, workdir: Path, variants: Sequence[str], window_plan: Path | None) -> None:
-    """The plans `variants` need, in one folder the passes read (`base.source`). Random weights have none
-    saved: those missing are calibrated once (on 4 images; both from one run when both are missing) for every
-    variant to share. On random weights a plan measures the mechanism (at d16 the window plan comes out nearly
-    dense). `window_plan` (`--window-plan`), e.g. a band plan, replaces any window plan (ValueError when it is
-    for another model shape)."""
-    source = base.source
-    windows = any(VARIANTS[v].uses(WINDOWED_ATTENTION) for v in variants)
-    sharing = any(VARIANTS[v].uses(CFG_ATTENTION_SHARING) for v in variants)
-
-    def saved(name: str) -> bool:
-        return source is not None and (source / name).is_file()
-
-    new_windows = windows and (window_plan is not None or not saved(PLAN_FILE))
-    new_sharing = sharing and not saved(SHARING_PLAN_FILE)
-    if not (new_windows or new_sharing):
-        return
-    for name in (PLAN_FILE, SHARING_PLAN_FILE):  # the saved plans come along into the new folder
-        if source is not None and source != workdir and saved(name):
-            shutil.copyfile(source / name, workdir / name)
-    if window_plan is not None and new_windows:
-        var = base.config.var
-        WindowPlan.load(window_plan).check_fits(var.depth, var.num_heads, var.patch_nums)
-        shutil.copyfile(window_plan, workdir / PLAN_FILE)
-        new_windows = False
-    window_settings, sharing_settings = (
-        WindowSettings(batches=1, batch_size=4),
-        SharingSettings(batches=1, batch_size=4),
-    )
-    if new_windows and new_sharing:
-        plans = calibrate_plans(base, window_settings, sharing_settings)
-        plans[0].save(workdir / PLAN_FILE)
-        plans[1].save(workdir / SHARING_PLAN_FILE)
-    elif new_windows:
-        calibrate(base, window_settings).save(workdir / PLAN_FILE)
-    elif new_sharing:
-        calibrate_sharing(base, sharing_settings).save(workdir / SHARING_PLAN_FILE)
-    base.source = workdir
+def bench_plans(
+    base: VARPipeline,
+    folder: Path | None,
+    variants: Sequence[str],
+    window_plan: Path | None,
+    calibration: Calibration = FOUR_IMAGES,
+) -> Plans:
+    """The plans `variants` take: those saved in the checkpoint `folder` (None: random weights, none saved),
+    the missing ones calibrated once on `base` with `calibration` (both from one run when both are missing)
+    for every variant to share. On random weights a plan measures the mechanism (at d16 the window plan comes
+    out nearly dense). `window_plan` (`--window-plan`), e.g. a band plan, replaces any window plan (ValueError
+    when it is for another model shape)."""
+    specs = [VARIANTS[v] for v in variants]
+    return plans_for(base, folder, specs, calibrate_missing=True, calibration=calibration, window_plan_file=window_plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,14 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     base = open_pipeline(a.checkpoint, None if a.checkpoint else a.preset, a.checkpoint is None).to(a.device)
     preset = base.config.name
     load_s = measure_load_seconds(base) if a.measure_load else None
-    with tempfile.TemporaryDirectory(prefix="var-bench-") as tmp:
-        try:
-            ensure_plans(base, Path(tmp), a.variant_list, a.window_plan)
-        except (OSError, ValueError) as e:
-            if a.window_plan is None:
-                raise
-            sys.exit(f"--window-plan {a.window_plan}: {e}")
-        records = run_all(a, base, preset)
+    try:
+        plans = bench_plans(base, a.checkpoint, a.variant_list, a.window_plan)
+    except (OSError, ValueError) as e:
+        if a.window_plan is None:
+            raise
+        sys.exit(f"--window-plan {a.window_plan}: {e}")
+    records = run_all(a, base, preset, plans)
     reference = a.variant_list[0]
     add_speedups(records, reference)
     print_table(records, reference)
@@ -218,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_all(a: argparse.Namespace, base: VARPipeline, preset: str) -> list[BenchRecord]:
-    everyone = list(contenders(a, base))
+def run_all(a: argparse.Namespace, base: VARPipeline, preset: str, plans: Plans) -> list[BenchRecord]:
+    everyone = list(contenders(a, base, plans))
     records = []
     for bs in a.batch_size_list:
         for rec, c in zip(measure(everyone, preset=preset, device=a.device, batch_size=bs, runs=a.runs,

@@ -20,14 +20,13 @@ import copy
 import json
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from app.bench.offline import ensure_plans
+from app.bench.offline import bench_plans
 from app.bench.stats import median, percentile
 from app.compress import apply_variant
 from app.model.checkpoint import load_folder, random_pipeline
@@ -128,11 +127,11 @@ def poisson(rate: float, n: int, rng: random.Random) -> list[float]:
 
 
 def load_pipelines(a: argparse.Namespace) -> dict[str, VARPipeline]:
-    base = load_folder(a.model_dir) if a.preset is None else random_pipeline(get_preset(a.preset))
-    workdir = Path(tempfile.mkdtemp(prefix="var-policies-"))
-    ensure_plans(base, workdir, a.variant_list, window_plan=None)
+    folder = a.model_dir if a.preset is None else None
+    base = load_folder(folder) if folder is not None else random_pipeline(get_preset(a.preset))
+    plans = bench_plans(base, folder, a.variant_list, window_plan=None)
     base.to(a.device)
-    return {v: apply_variant(v, copy.deepcopy(base)) for v in a.variant_list}
+    return {v: apply_variant(v, copy.deepcopy(base), plans=plans) for v in a.variant_list}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,7 +28,8 @@ from app.bench import prometheus_text
 from app.bench.launcher import launched, wait_ready
 from app.bench.runner import Contender, measure, pipeline_runner
 from app.bench.stats import median
-from app.compress import apply_variant
+from app.compress import apply_variant, variant_spec
+from app.compress.plans import plans_for
 from app.model.checkpoint import load_folder
 from app.model.sampling import SamplingParams
 
@@ -99,7 +100,9 @@ def served_throughput(url: str, variant: str, params: SamplingParams, concurrenc
 
 def bench_variant(a: argparse.Namespace, url: str, variant: str, max_batch: int, params: SamplingParams) -> ServeRecord:
     """Offline at the server's own thread count, then served: the difference is the service's alone."""
-    pipe = apply_variant(variant, load_folder(a.model_dir).to(a.device))
+    base = load_folder(a.model_dir).to(a.device)
+    # the plans the server loads: those saved beside the checkpoint (it calibrates none unless told to)
+    pipe = apply_variant(variant, base, plans=plans_for(base, a.model_dir, [variant_spec(variant)]))
     one = [Contender(variant, pipeline_runner(pipe, params), pipe)]
     common = {"preset": pipe.config.name, "device": a.device, "num_classes": pipe.num_classes}
     offline_1 = measure(one, batch_size=1, runs=a.offline_runs, **common)[0]

@@ -2,9 +2,10 @@
 pipeline -> pipeline (in place) registered with its typed options and summary in `PASSES`.
 
 Passes keep every `state_dict` key of the checkpoint (a quantized layer adds its `weight_scale`), so every
-variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer;
-its plan is the one saved beside the checkpoint unless the caller gives one (`apply_variant(window_plan=...)`),
-and so is the sharing plan that scopes attention sharing across CFG (`apply_variant(sharing_plan=...)`).
+variant runs from the same checkpoint. Windowed attention comes first, on the still unmodified transformer.
+The window plan it takes and the sharing plan that scopes attention sharing across CFG are calibrated for the
+checkpoint's weights: `apply_variant` takes them (`Plans`) from the caller, who gets them from `plans_for`
+(plans.py), and no pass reads a file.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_att
 from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.plans import NO_PLANS, Plans
 from app.compress.quantize import MixedPrecision, quantize_linears
-from app.compress.registry import PassFn, PassSpec, Step, VariantSpec
-from app.compress.sharing import SharingPlan
-from app.compress.windows import WindowPlan
+from app.compress.registry import PassFn, PassSpec, PlanKind, Step, VariantSpec
 from app.model.pipeline import VARPipeline
 
 
@@ -36,8 +36,8 @@ def device_default_precision(pipe: VARPipeline) -> VARPipeline:
     return autocast_bf16(pipe) if pipe.device.type == "cuda" else pipe
 
 
-def _spec(function: PassFn, options_type: type[Any] | None, summary: str) -> PassSpec:
-    return PassSpec(function.__name__, function, options_type, summary)
+def _spec(function: PassFn, options_type: type[Any] | None, summary: str, plan: PlanKind | None = None) -> PassSpec:
+    return PassSpec(function.__name__, function, options_type, summary, plan)
 
 
 DEVICE_DEFAULT_PRECISION = _spec(
@@ -54,12 +54,14 @@ WINDOWED_ATTENTION = _spec(
     windowed_attention,
     WindowedAttention,
     "Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.",
+    PlanKind.WINDOWS,
 )
 CFG_ATTENTION_SHARING = _spec(
     cfg_attention_sharing,
     CfgSharing,
     "Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention where the "
     "checkpoint's sharing plan allows it.",
+    PlanKind.SHARING,
 )
 QUANTIZE_LINEARS = _spec(
     quantize_linears,
@@ -135,8 +137,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     # int8 and bf16 weights only where the hardware table's kernels for them trace and beat float32 (VNNI, AMX,
     # CUDA; bf16 where native); on AVX2 every layer stays float32, as fbgemm's int8 layers cannot be compiled.
-    # AdaLN stays float32: int4 unpacks its weights at every generation, slower than the float32 GEMV (d16
-    # ada_lin.1, 2 rows: 9.3 ms against 3.6, `python -m app.bench kernels --layers ada_lin.1`, AVX-512 EPYC).
+    # AdaLN stays float32: int4 unpacks its weights at every generation, slower than the float32 GEMV (figures:
+    # docs/benchmarks.md, "AdaLN in int4").
     "fastest": VariantSpec(
         "the passes that pay most: LiteVAR's attention passes, int8 and bf16 weights where this hardware "
         "computes them fast under compile, the bf16 decoder, guidance off for the last scale, the rest compiled",
@@ -165,18 +167,17 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANTS[name]
 
 
-def apply_variant(
-    name: str, pipe: VARPipeline, *, window_plan: WindowPlan | None = None, sharing_plan: SharingPlan | None = None
-) -> VARPipeline:
+def apply_variant(name: str, pipe: VARPipeline, *, plans: Plans = NO_PLANS) -> VARPipeline:
     """Apply the named variant's passes in order (in place; copy the pipeline first to keep the original).
 
-    `window_plan`: the plan its windowed attention uses (one calibrated at load, say); None: the plan saved
-    beside the checkpoint, refusing (MissingWindowPlan) when there is none. `sharing_plan` likewise for
-    attention sharing across CFG (MissingSharingPlan)."""
-    given = {WINDOWED_ATTENTION: window_plan, CFG_ATTENTION_SHARING: sharing_plan}
-    for step in variant_spec(name).steps:
-        plan = given.get(step.spec)
-        pipe = step.run(pipe, plan=plan) if plan is not None else step.run(pipe)
+    `plans`: the checkpoint's plans its passes take (`plans_for` finds, loads or calibrates them); a pass
+    whose plan is not among them raises PlanNotGiven naming the plan."""
+    spec, needed_by = variant_spec(name), f"variant {name!r}"
+    for kind in spec.plans():  # all checked before any pass runs: a refusal leaves `pipe` as it was
+        plans.require(kind, needed_by)
+    for step in spec.steps:
+        takes = step.spec.plan
+        pipe = step.run(pipe) if takes is None else step.run(pipe, plan=plans.require(takes, needed_by))
     return pipe
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.compress.attention_passes import attention_flops, cfg_attention_sharing
-from app.compress.calibrate import calibrate_plans, calibrate_sharing
+from app.compress.plans import Calibration, calibrated, save_plan
+from app.compress.registry import PlanKind
 from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings
-from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings, band_plan
+from app.compress.windows import PLAN_FILE, WindowSettings, band_plan
 from app.model.checkpoint import folder_config, load_folder
-from app.model.checksums import SUMS_FILE, write_sums
 from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
 
@@ -30,12 +30,6 @@ def _settings(settings_type: type[Settings], a: argparse.Namespace) -> Settings:
     """The settings the command line gives, their defaults for the rest."""
     fields = {f.name for f in dataclasses.fields(settings_type)}
     return settings_type(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
-
-
-def _save(plan: WindowPlan | SharingPlan, out: Path) -> None:
-    plan.save(out)
-    if (out.parent / SUMS_FILE).is_file():  # the folder's checksums cover the new plan too
-        write_sums(out.parent)
 
 
 def _report_sharing(plan: SharingPlan, pipe: VARPipeline, out: Path) -> None:
@@ -50,18 +44,17 @@ def _report_sharing(plan: SharingPlan, pipe: VARPipeline, out: Path) -> None:
 
 
 def calibrate_main(a: argparse.Namespace) -> int:
+    """Both plans from one calibration run (the sharing plan alone with --sharing-only), saved beside the model."""
     pipe = load_folder(a.model)
-    sharing_settings = _settings(SharingSettings, a)
-    sharing_out = a.sharing_out or a.model / SHARING_PLAN_FILE
-    if a.sharing_only:
-        sharing = calibrate_sharing(pipe, sharing_settings)
-    else:
-        windows_settings = _settings(WindowSettings, a)
-        windows, sharing = calibrate_plans(pipe, windows_settings, sharing_settings)
+    kinds = {PlanKind.SHARING} if a.sharing_only else {PlanKind.WINDOWS, PlanKind.SHARING}
+    plans = calibrated(pipe, kinds, Calibration(_settings(WindowSettings, a), _settings(SharingSettings, a)))
+    if plans.windows is not None:
         out = a.out or a.model / PLAN_FILE
-        _save(windows, out)
-        print(f"{out}: {100 * windows.kept_fraction():.1f}% of (query, key) pairs kept; settings {windows_settings}")
-    _save(sharing, sharing_out)
+        save_plan(plans.windows, out)
+        kept = 100 * plans.windows.kept_fraction()
+        print(f"{out}: {kept:.1f}% of (query, key) pairs kept; settings {plans.windows.settings}")
+    sharing, sharing_out = plans.sharing_plan("calibrate"), a.sharing_out or a.model / SHARING_PLAN_FILE
+    save_plan(sharing, sharing_out)
     _report_sharing(sharing, pipe, sharing_out)
     return 0
 

@@ -261,8 +261,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: Ke
     the tile's gathered keys.
 
     Eager, it goes one row at a time (and one group of heads, where a row gathers over `TILE_CHUNK` key
-    elements): one gather of many rows' keys leaves the cache before the matmuls read it (at the d16 shape
-    and batch 8, chunks of 2-4 rows took 1.2-1.8x the time of single rows), and buffers over glibc's mmap
+    elements): one gather of many rows' keys leaves the cache before the matmuls read it (chunks of rows were
+    slower than single rows: docs/benchmarks.md, "Attention, row by row"), and buffers over glibc's mmap
     threshold (32 MiB at most) are fresh pages, faulted in at every call. Compiled, all rows at once, so
     that the graph does not depend on the batch size."""
     rows, heads, n, dim = q.shape
@@ -311,7 +311,7 @@ def _gather_source(t: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, t
 def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
     """The masked route: explicit, measured faster on CPU than SDPA with a mask (which drops to a slower
     kernel). Eager, score tensors over `TILE_CHUNK` elements go one row at a time (as the key tiles: cache,
-    page faults); at the d16 shape and batch 8 that halves the time of scale 8."""
+    page faults; docs/benchmarks.md, "Attention, row by row")."""
     rows, heads, n, _ = q.shape
     if torch.compiler.is_compiling() or rows == 1 or rows * heads * n * k.shape[2] <= TILE_CHUNK:
         return _probs(q, k, route, scale) @ v
@@ -324,10 +324,9 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, sca
 def _shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
     """Shared probabilities: conditional row r's probabilities weight the values of rows r and B + r. They are
     never expanded to both halves (a broadcast matmul copies them), and, as on the masked route, score tensors
-    over `TILE_CHUNK` elements go one conditional row at a time. Timed alone at the d16 shape (16 layers sharing
-    every scale, batch 8; 2-core AVX-512 EPYC, 2026-12-02): 2.3 s per generation against 5.7 s broadcast, and
-    3.4 s for SDPA over the conditional queries and keys repeated for both halves (its flash kernel needs
-    values as wide as the keys, so the two halves' values cannot ride one call)."""
+    over `TILE_CHUNK` elements go one conditional row at a time. Faster than a broadcast and than SDPA over the
+    conditional queries and keys repeated for both halves (docs/benchmarks.md, "Attention, row by row"): its
+    flash kernel needs values as wide as the keys, so the two halves' values cannot ride one call."""
     B, heads, n = q.shape[0] // 2, q.shape[1], q.shape[2]
     if torch.compiler.is_compiling() or B * heads * n * k.shape[2] <= TILE_CHUNK:
         p = _probs(q[:B], k[:B], route, scale)

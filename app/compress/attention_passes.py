@@ -1,59 +1,19 @@
 """Passes of the attention: multi-diagonal windowed attention and attention sharing across CFG.
 
-Each needs a plan calibrated for the checkpoint's weights: the window plan, and the sharing plan (at which
-layers and scales the unconditional rows may reuse the conditional rows' attention). Both are saved beside
-the checkpoint (`python -m app.compress calibrate`); without one the pass refuses, and only a caller that
-asks for it (`window_plan(..., calibrate_missing=True)`, likewise `sharing_plan`) calibrates one, which
-takes a while and is logged.
+Each takes a plan calibrated for the checkpoint's weights as its `plan` argument: the window plan, and the
+sharing plan (at which layers and scales the unconditional rows may reuse the conditional rows' attention).
+The passes read no file: plans.py finds, loads or calibrates the plans of a checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
-from typing import TypeVar
 
 from app.compress.attention import PlannedAttention, dense_flops, route_for
-from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
-from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings
-from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
+from app.compress.sharing import SharingPlan
+from app.compress.windows import WindowPlan
 from app.model.blocks import SelfAttention
 from app.model.pipeline import VARPipeline
-
-log = logging.getLogger(__name__)
-Plan = TypeVar("Plan", WindowPlan, SharingPlan)
-CALIBRATE = "python -m app.compress calibrate"  # the command that saves a plan beside a checkpoint
-
-
-class PlanOrigin(StrEnum):
-    """Where a variant's window or sharing plan came from (reported by the service)."""
-
-    FILE = "file"
-    CALIBRATED = "calibrated at load"
-
-
-def _missing(needs: str, folder: Path | None, flags: str = "") -> str:
-    where = f"beside the checkpoint {folder}" if folder is not None else "(the pipeline has no checkpoint folder)"
-    command = f"{CALIBRATE} --model {folder if folder is not None else '<folder>'}{flags}"
-    return f"{needs}: none {where}; calibrate one with `{command}`"
-
-
-class MissingWindowPlan(ValueError):
-    """No window plan is saved beside the checkpoint, and calibrating one now was not asked for."""
-
-    def __init__(self, folder: Path | None):
-        super().__init__(_missing("windowed attention needs a window plan", folder))
-
-
-class MissingSharingPlan(ValueError):
-    """No sharing plan is saved beside the checkpoint, and calibrating one now was not asked for."""
-
-    def __init__(self, folder: Path | None):
-        # --sharing-only: a window plan already beside the checkpoint stays as it is
-        super().__init__(_missing("attention sharing across CFG needs a sharing plan", folder, " --sharing-only"))
 
 
 @dataclass(frozen=True)
@@ -80,52 +40,17 @@ def _planned(attn: SelfAttention) -> PlannedAttention:
     return attn.kernel
 
 
-def _saved_or_calibrated(
-    pipe: VARPipeline,
-    saved: Callable[[VARPipeline], Plan],
-    calibrate_now: Callable[[VARPipeline], Plan],
-    missing: type[ValueError],
-    kind: str,
-    calibrate_missing: bool,
-) -> tuple[Plan, PlanOrigin]:
-    """The plan `saved` finds beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
-    (logged: it takes a while); `missing` raised otherwise."""
-    try:
-        return saved(pipe), PlanOrigin.FILE
-    except missing:
-        if not calibrate_missing:
-            raise
-    log.warning("no %s plan beside %s: calibrating one at load (`%s` saves it)", kind, pipe.source, CALIBRATE)
-    return calibrate_now(pipe), PlanOrigin.CALIBRATED
-
-
-def saved_window_plan(pipe: VARPipeline) -> WindowPlan:
-    """The plan saved beside the checkpoint (`window_plan.safetensors`); MissingWindowPlan when there is none."""
-    path = pipe.source / PLAN_FILE if pipe.source is not None else None
-    if path is None or not path.is_file():
-        raise MissingWindowPlan(pipe.source)
-    cfg = pipe.config.var
-    plan = WindowPlan.load(path)
-    plan.check_fits(cfg.depth, cfg.num_heads, cfg.patch_nums)
-    return plan
-
-
-def window_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[WindowPlan, PlanOrigin]:
-    """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
-    (which must be unmodified: calibration measures its dense attention); MissingWindowPlan otherwise."""
-    return _saved_or_calibrated(pipe, saved_window_plan, calibrate, MissingWindowPlan, "window", calibrate_missing)
-
-
 def windowed_attention(
-    pipe: VARPipeline, *, plan: WindowPlan | None = None, min_skipped: float | None = None, min_queries: int = 128
+    pipe: VARPipeline, *, plan: WindowPlan, min_skipped: float | None = None, min_queries: int = 128
 ) -> VARPipeline:
     """Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.
 
     A query scale of at least `min_queries` tokens runs the block-sparse kernel when at least `min_skipped`
     of its key blocks hold no kept pair (default 0.5 on CPU, 0.25 on GPU, measured break-evens); other
-    windowed scales compute dense scores with -inf outside the windows (same result, no saving). Without a
-    `plan`, the one saved beside the checkpoint; MissingWindowPlan when there is none."""
-    plan = plan or saved_window_plan(pipe)
+    windowed scales compute dense scores with -inf outside the windows (same result, no saving). `plan` must
+    fit the model's shape (ValueError otherwise)."""
+    cfg = pipe.config.var
+    plan.check_fits(cfg.depth, cfg.num_heads, cfg.patch_nums)
     if min_skipped is None:
         min_skipped = 0.25 if pipe.device.type == "cuda" else 0.5
     windowed_steps = [step for step in pipe.steps if plan.windowed(step.si)]
@@ -138,44 +63,6 @@ def windowed_attention(
     return pipe
 
 
-def saved_sharing_plan(pipe: VARPipeline) -> SharingPlan:
-    """The plan saved beside the checkpoint (`sharing_plan.safetensors`); MissingSharingPlan when there is none."""
-    path = pipe.source / SHARING_PLAN_FILE if pipe.source is not None else None
-    if path is None or not path.is_file():
-        raise MissingSharingPlan(pipe.source)
-    plan = SharingPlan.load(path)
-    plan.check_fits(pipe.config.var.depth, pipe.config.var.patch_nums)
-    return plan
-
-
-def sharing_plan(pipe: VARPipeline, *, calibrate_missing: bool = False) -> tuple[SharingPlan, PlanOrigin]:
-    """The plan saved beside the checkpoint, else, when `calibrate_missing`, one calibrated now on `pipe`
-    (which must be unmodified); MissingSharingPlan otherwise."""
-    return _saved_or_calibrated(
-        pipe, saved_sharing_plan, calibrate_sharing, MissingSharingPlan, "sharing", calibrate_missing
-    )
-
-
-def both_plans(
-    pipe: VARPipeline, *, calibrate_missing: bool = False
-) -> tuple[tuple[WindowPlan, PlanOrigin], tuple[SharingPlan, PlanOrigin]]:
-    """`window_plan` and `sharing_plan` together; when neither is saved and `calibrate_missing`, both come from
-    one run of the calibration batches (`calibrate_plans`), half the time of calibrating each alone."""
-    if calibrate_missing and not _saved(pipe, PLAN_FILE) and not _saved(pipe, SHARING_PLAN_FILE):
-        log.warning(
-            "no window or sharing plan beside %s: calibrating both at load (`%s` saves them)", pipe.source, CALIBRATE
-        )
-        windows, sharing = calibrate_plans(pipe, WindowSettings(), SharingSettings())
-        return (windows, PlanOrigin.CALIBRATED), (sharing, PlanOrigin.CALIBRATED)
-    return window_plan(pipe, calibrate_missing=calibrate_missing), sharing_plan(
-        pipe, calibrate_missing=calibrate_missing
-    )
-
-
-def _saved(pipe: VARPipeline, name: str) -> bool:
-    return pipe.source is not None and (pipe.source / name).is_file()
-
-
 def cfg_attention_sharing(
     pipe: VARPipeline,
     *,
@@ -186,10 +73,12 @@ def cfg_attention_sharing(
 ) -> VARPipeline:
     """Attention sharing across CFG: the unconditional rows reuse the conditional rows' attention
     probabilities (or, with `outputs`, attention outputs) at the (layer, scale) pairs the sharing plan marks,
-    and nowhere else. Without a `plan`, the one saved beside the checkpoint; MissingSharingPlan when there is
-    none. Explicit `scales` or `layers` set the scope instead (the one not given: all) and no plan is read."""
+    and nowhere else. Explicit `scales` or `layers` set the scope instead (the one not given: all) and no
+    plan is needed. A ValueError when there is neither a plan nor an explicit scope."""
     if scales is None and layers is None:
-        scope = _planned_scope(pipe, plan or saved_sharing_plan(pipe))
+        if plan is None:
+            raise ValueError("cfg_attention_sharing takes a sharing plan, or explicit scales or layers")
+        scope = _planned_scope(pipe, plan)
     else:
         scope = _explicit_scope(pipe, scales, layers)
     for blk, shared in zip(pipe.var.block_list, scope, strict=True):

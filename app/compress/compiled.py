@@ -13,13 +13,14 @@ on-disk cache (`TORCHINDUCTOR_CACHE_DIR`). The server's warm-up pays it before t
 The compiled functions go into the pipeline's hooks (`step_fn`, `decoder_fn`); modules are left as they are.
 
 Guards: Dynamo keeps its cache of graphs on the code object of the compiled function, and by default
-re-checks every module attribute and parameter at each call (about 0.5 ms per call on the demo model,
-measured). Each compiled pipeline gets functions with code objects of its own, so its cache holds only its
+re-checks every module attribute and parameter at each call (a cost measurable on the demo model:
+docs/benchmarks.md, "Compiled and autotuned, one image"). Each compiled pipeline gets functions with code
+objects of its own, so its cache holds only its
 own graphs, and the module guards are skipped. So a pass must never change a module after this one
 (it runs last in every variant); a second compiled pipeline cannot pick up this one's graphs (tested).
 
-fbgemm's packed int8 weights are opaque to the compiler: every int8 linear splits the graph (measured
-0.65x of eager on the demo model), so the pass refuses a pipeline that holds them.
+fbgemm's packed int8 weights are opaque to the compiler: every int8 linear splits the graph (slower than
+eager on the demo model, same section), so the pass refuses a pipeline that holds them.
 
 `autotuned_step` goes further for float32 on the CPU: the step's weights are frozen into its graphs as
 constants and Inductor times, per GEMM shape, MKL against oneDNN's pre-packed linear and its own generated

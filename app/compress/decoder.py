@@ -7,35 +7,24 @@ Forms, by hardware:
   pre-packed once into the blocked layout oneDNN's kernel reads (`PrepackedConv2d`; unpacked, oneDNN
   reorders every weight on every call), eager;
 - CUDA: the same bfloat16 decoder, unpacked (oneDNN is CPU only);
-- CPUs without native bfloat16 (AVX2: emulated, ~7x slower than float32): float32 as before, from the
-  weights stored in bfloat16 and upcast per call (`BF16WeightConv2d`).
+- CPUs without native bfloat16 (AVX2: emulated, several times slower than float32): float32 as before, from
+  the weights stored in bfloat16 and upcast per call (`BF16WeightConv2d`).
 
-Measured on a 2-core AMD EPYC (Zen 5, AVX-512 BF16) shared with other jobs, d16 VQVAE (ch 160, 256 px)
-with random weights, one image, medians, wall seconds (process CPU seconds) for float32 / bf16 under autocast
-(the form before this one) / bf16 module / bf16 pre-packed:
-- 2 threads, 5 rounds: 11.5 (4.25) / 6.97 (2.42) / 7.22 (2.68) / 5.79 (2.30): 1.99x float32;
-- 2 threads, 7 rounds: 9.41 (3.96) / 5.53 (2.43) / 5.85 (2.48) / 5.44 (2.47): 1.73x;
-- 1 thread, 5 rounds: 3.89 (2.57) / 1.74 (1.15) / 1.84 (1.21) / 1.72 (1.14): 2.26x.
-Autocast on the CPU already ran GroupNorm and SiLU in bfloat16 on these bfloat16 weights, so the plain module
-alone gains nothing over it; packing gains 1-20% over it between runs, most with 2 threads (alone, a
-640-channel 16x16 convolution took 15.9 ms a call unpacked against 6.6 ms packed: its weight reorder cost
-more than the convolution), and computes what the unpacked module computes, bitwise. Compiled forms are
-slower than eager here, in CPU s with 2 threads: bf16 compiled 4.81 and compiled with frozen (oneDNN-packed)
-weights 6.84 against eager bf16 2.84, float32 frozen 5.93 against 4.34 (one run, 3 rounds); float32
-compiled 6.07 against 4.25 (the 5-round run). Inductor's GroupNorm over channels-last groups of 5 channels
-runs its Welford loop on mostly masked vectors (10 s of generated kernels in a profile where ATen's
-GroupNorm, SiLU and adds took 2.1 s).
+The figures behind these choices are in docs/benchmarks.md, "The bfloat16 decoder". Autocast on the CPU
+already ran GroupNorm and SiLU in bfloat16 on these bfloat16 weights, so the plain module alone gains
+nothing over it; packing gains over it, most with 2 threads (alone, a large convolution's weight reorder
+cost more than the convolution), and computes what the unpacked module computes, bitwise. Compiled forms
+are slower than eager here: Inductor's GroupNorm over channels-last groups of 5 channels runs its Welford
+loop on mostly masked vectors.
 
 One image at a time on the CPU (`VQVAE.fhat_to_img`'s default), for bitwise batch invariance: decoding the
 batch in one call is not invariant (ATen's channels-last GroupNorm in both dtypes and oneDNN's float32
 convolutions at small spatial sizes round differently with the batch size), and it pays too little to give
-that up: d16 batch 8, CPU seconds per image-at-a-time against batched, float32 37.1 / 29.5, bf16 pre-packed
-18.8 / 14.9 (1.26x on the decoder, itself about a third of a d16 generation); on the demo model (32 px)
-float32 0.27 / 0.08 CPU s per batch of 8 (3.4x on a small share of its generation). The weights are
-packed for batch 1, what the decoder then always sees.
+that up (the decoder is about a third of a d16 generation, a small share of the demo model's). The weights
+are packed for batch 1, what the decoder then always sees.
 
-Accuracy against float32 (pixels in [0, 1]): d16 random weights max 0.061, mean 0.0034; the demo model's
-generated images max 0.009, mean 0.0008 (tests/compress/test_decoder.py holds it below 0.02 / 0.002).
+Accuracy against float32: tests/compress/test_decoder.py holds the demo model's pixels within 0.02 (max) and
+0.002 (mean) of float32's; the measured differences are in the benchmarks.
 """
 
 from __future__ import annotations

@@ -126,19 +126,14 @@ def detect(isa: str | None = None) -> Capabilities:
 
 Int8Kernel = Literal["fbgemm", "int_mm"]
 
-# The W8A8 linear's kernel per ISA level (CUDA: torch._int_mm, cuBLAS's int8 GEMM, always). Figures: ms per
-# call of the module the pass installs (activation quantization included), fastest of 3 x 10 calls on a shared
-# 2-core AMD EPYC with AVX-512 VNNI and BF16, torch 2.13.0+cpu, 2 threads, 2026-12-01:
-#   .venv/bin/python -m app.bench kernels --layers ffn.fc1,ffn.fc2 --rows 72,512 --repeats 10 --json k.json
-# - avx512_vnni and up: torch._int_mm (oneDNN's s8 GEMM with VNNI). d16 fc1 (1024 -> 4096) at 512 rows:
-#   float32 29.1, fbgemm 5.5, int_mm 5.0 eager and 4.1 compiled; at 72 rows 6.7, 1.42, 1.19 and 1.04. It is
-#   the fastest there and it traces under torch.compile; fbgemm does not.
+# The W8A8 linear's kernel per ISA level (CUDA: torch._int_mm, cuBLAS's int8 GEMM, always). The figures behind
+# each row are in docs/benchmarks.md, "Kernels chosen by the hardware" (`python -m app.bench kernels`):
+# - avx512_vnni and up: torch._int_mm (oneDNN's s8 GEMM with VNNI): the fastest there, and it traces under
+#   torch.compile; fbgemm does not.
 # - avx512, avx2: fbgemm's dynamic int8 linear (7-bit activations, `reduce_range`), the fast int8 kernel of
-#   AVX2 EPYCs, where torch._int_mm measured as a slow fallback (issue 17). Not remeasured on AVX2 here: the EPYC with
-#   oneDNN, MKL and ATen held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
-#   ATEN_CPU_CAPABILITY=avx2 VAR_CPU_ISA=avx2, same command, eager) gave int_mm 13.1 against float32 27.2
-#   and fbgemm 5.8 at 512 rows (fbgemm cannot be held back: its AVX-512 kernels ran). So int_mm may pay
-#   compiled on AVX2 too; a real AVX2 run of the command above decides whether this row turns to int_mm.
+#   AVX2 EPYCs, where torch._int_mm measured as a slow fallback (issue 17). Not remeasured on a real AVX2 CPU:
+#   an AVX-512 EPYC held to AVX2 put int_mm between float32 and fbgemm, so int_mm may pay compiled on AVX2
+#   too; a real AVX2 run of the kernels benchmark decides whether this row turns to int_mm.
 # - generic (no fbgemm: not x86): torch._int_mm, the only int8 kernel left.
 INT8_KERNELS: dict[Level, Int8Kernel] = {
     "amx": "int_mm",
@@ -153,10 +148,9 @@ COMPILABLE_INT8: frozenset[Int8Kernel] = frozenset({"int_mm"})
 
 # Whether bfloat16 matmuls (the bf16-stored linears, `ffn.fc2`; the bf16 VQVAE decoder) compute in bfloat16,
 # else in float32 from the weights upcast per call. CUDA: native, always. Same runs as INT8_KERNELS:
-# - avx512_bf16, amx: native. d16 fc2 (4096 -> 1024) at 512 rows: bfloat16 6.4 (6.5 compiled) against
-#   float32 25.2; at 72 rows 1.53 against 5.3. The upcast alternative costs more than float32 (25.7).
-# - below: emulated, slower than float32: ~7x on AVX2 EPYCs (issue 17); the EPYC held to AVX2 as
-#   above gave fc2 bfloat16 85.1 against float32 24.7 at 512 rows.
+# - avx512_bf16, amx: native, several times faster than float32; the upcast alternative costs more than
+#   float32.
+# - below: emulated, slower than float32 (on AVX2 EPYCs, issue 17, and on the EPYC held to AVX2).
 BF16_NATIVE: dict[Level, bool] = {
     "amx": True,
     "avx512_bf16": True,

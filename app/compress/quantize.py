@@ -133,7 +133,8 @@ class Int8Linear(nn.Module):
         return cls(*quantize_weight(linear.weight), linear.bias, kernel)
 
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
-        # fbgemm keeps the only copy of the weight; unpacking costs ~20 ms for 4096x1024, keep it off hot paths
+        # fbgemm keeps the only copy of the weight; unpacking it is slow (docs/benchmarks.md, "Single
+        # operations"): keep it off hot paths
         if name == "weight" and self.__dict__.get("_packed") is not None:
             return self._packed.unpack()[0].int_repr()
         return super().__getattr__(name)
@@ -215,7 +216,8 @@ class BF16WeightLinear(nn.Module):
     """Linear with its weight stored in bfloat16 (half the bytes); float32 bias and output.
 
     Computed in bfloat16 where the hardware table says that is native (CUDA, AVX512-BF16, AMX), else in float32
-    from the weight upcast per call: emulated bfloat16 matmuls are ~7x slower than float32 on AVX2. `native`
+    from the weight upcast per call: emulated bfloat16 matmuls are several times slower than float32 on AVX2
+    (hardware.py, BF16_NATIVE). `native`
     overrides the table (tests, the kernel benchmark).
     """
 

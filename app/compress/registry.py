@@ -4,7 +4,8 @@ with chosen options, a `VariantSpec` is a purpose plus its steps in order.
 A pass function stays a plain function pipeline -> pipeline with keyword options (callers and tests call it
 directly); its options dataclass has one field per keyword option the variants may set, with the same default,
 checked against the function's signature when the spec is made: a renamed option or a changed default fails
-at import, not at load.
+at import, not at load. A pass that takes a plan calibrated for the checkpoint's weights says which
+(`PassSpec.plan`): it gets it as its `plan` argument, never from a file (plans.py finds and loads plans).
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from app.model.pipeline import VARPipeline
 
 PassFn = Callable[..., VARPipeline]
+
+
+class PlanKind(StrEnum):
+    """A plan calibrated for a checkpoint's weights that a pass takes as its `plan` argument."""
+
+    WINDOWS = "window"
+    SHARING = "sharing"
 
 
 @dataclass(frozen=True)
@@ -26,13 +35,16 @@ class PassSpec:
     function: PassFn
     options_type: type[Any] | None  # a dataclass of the function's keyword options; None: it takes none
     summary: str  # one line
+    plan: PlanKind | None = None  # the checkpoint's plan the function takes as `plan`; None: it takes none
 
     def __post_init__(self) -> None:
-        if self.options_type is None:
-            return
         keywords = {
             p.name: p.default for p in inspect.signature(self.function).parameters.values() if p.kind is p.KEYWORD_ONLY
         }
+        if self.plan is not None and "plan" not in keywords:
+            raise TypeError(f"{self.name} takes a {self.plan} plan but has no keyword argument `plan`")
+        if self.options_type is None:
+            return
         defaults = _as_kwargs(self.options_type())
         differ = [k for k, v in defaults.items() if k not in keywords or keywords[k] != v]
         if differ:
@@ -63,7 +75,7 @@ class Step:
 
     def run(self, pipe: VARPipeline, **inputs: Any) -> VARPipeline:
         """The pass on `pipe` with these options; `inputs` are keyword arguments that come from the checkpoint
-        rather than from the variant (a window plan)."""
+        rather than from the variant (its plan)."""
         return self.spec.function(pipe, **_as_kwargs(self.options), **inputs)
 
 
@@ -74,6 +86,10 @@ class VariantSpec:
 
     def uses(self, spec: PassSpec) -> bool:
         return any(step.spec is spec for step in self.steps)
+
+    def plans(self) -> frozenset[PlanKind]:
+        """The checkpoint's plans its passes take."""
+        return frozenset(step.spec.plan for step in self.steps if step.spec.plan is not None)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each pass in order: its name, options as a dict, summary."""

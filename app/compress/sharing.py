@@ -11,24 +11,20 @@ guidance ramp of the scale: guided logits are (1 + t) cond - t uncond with t = c
 in the unconditional rows reaches the sampled distribution scaled by the ramp. Sharing one (layer, scale)
 at a time on the demo model, with the baseline's tokens forced so that every scale sees the same inputs,
 this distance ranks the resulting change of the guided token distributions (KL summed over every token of
-that scale and the later ones) with Spearman 0.98; the ramp-weighted total variation of the probability
-rows ranks it 0.93 and the ramp-weighted JS divergence 0.82 (they ignore the values the probabilities
-weight), each of the three without the ramp about 0.47: the early scales, where guidance is weak, differ
-as much as the late ones.
+that scale and the later ones) best of the measures tried: the ramp-weighted total variation and JS
+divergence of the probability rows ignore the values the probabilities weight, and every measure without the
+ramp ranks poorly, since the early scales, where guidance is weak, differ as much as the late ones (the rank
+correlations are in docs/compression.md, "Sharing scope").
 
 A (layer, scale) is shared when its distance is below the threshold: 0 shares nowhere, infinity everywhere
 calibration measured (a scale it saw without guidance has distance infinity and is never shared).
 Scale 0 (one key, so equal probabilities) has distance 0 and is shared at any positive threshold.
 
-Default threshold 0.035, chosen on the demo model (docs/compression.md, "Sharing scope"): it shares scales 0
-and 1 of every layer and layer 0's scales 2 and 6 (10 of 28 pairs), keeping 95.8% of the attention FLOPs
-(sharing everywhere: 75%). On 2,000 images, its class accuracy, FID and KID stay within the baseline's
-seed-to-seed spread in the demo classifier's feature space, and its FID and KID in the mixer classifier's
-(its accuracy 0.15 points lower there, 3 images of 2,000, against a spread of 0.10, 2 images). The next candidate, 0.075
-(93.7% kept: also layer 0's scales 3-5), lost 0.40 points of the mixer's accuracy and 0.016 of its FID, past
-the spread; sharing everywhere lost 0.90 points and 0.65 of FID in the demo classifier's space and 0.046 of
-FID (4.6 spreads) in the mixer's. Beyond 0.075 the thresholds add the late scales of layers 1-3, where
-nearly all of the change to the output is.
+Default threshold 0.035, chosen on the demo model (the figures: docs/compression.md, "Sharing scope"): it
+shares scales 0 and 1 of every layer and layer 0's scales 2 and 6, and its FID and KID stay within the
+baseline's seed-to-seed spread in both feature spaces (its class accuracy nearly so), where the next
+candidate, 0.075 (also layer 0's scales 3-5), and sharing everywhere go past it. Beyond 0.075 the
+thresholds add the late scales of layers 1-3, where nearly all of the change to the output is.
 """
 
 from __future__ import annotations

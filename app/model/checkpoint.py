@@ -176,9 +176,7 @@ def load_folder(folder: str | Path) -> VARPipeline:
     config = folder_config(folder)
     var_path = _find(folder, ["var.safetensors", "var.pth", "var_d*.safetensors", "var_d*.pth"])
     vae_path = _find(folder, ["vae.safetensors", "vae.pth", "vae_*.safetensors", "vae_*.pth"])
-    pipe = load_pipeline(config, var_path, vae_path)
-    pipe.source = folder
-    return pipe
+    return load_pipeline(config, var_path, vae_path)
 
 
 def open_pipeline(checkpoint: str | Path | None, preset: str | None, random_init: bool) -> VARPipeline:

@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -59,7 +58,6 @@ class VARPipeline:
         self.vqvae = vqvae.eval().use_channels_last()  # converts the decoder's weights in place
         self.autocast_dtype = autocast_dtype  # transformer matmuls (e.g. bf16); logits stay float32
         self.decode_dtype = decode_dtype  # VQVAE decoder weights/activations; None = float32
-        self.source: Path | None = None  # the checkpoint folder, where files calibrated for it live
         self.guided_scales: int | None = None  # guidance on the first n scales only; None: every scale
         # what runs one scale and what decodes; a pass may replace them (compiled forms) and leaves the
         # modules untouched, so passes go after any deepcopy

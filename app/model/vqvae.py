@@ -179,7 +179,8 @@ class VQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, ks, 1, ks // 2)
 
     def use_channels_last(self) -> VQVAE:
-        """Decoder convolutions in channels-last layout: about 12% faster on CPU (oneDNN), same numbers to ~1e-5."""
+        """Decoder convolutions in channels-last layout: faster on CPU (oneDNN; docs/benchmarks.md, "Single
+        operations"), same numbers to ~1e-5."""
         # Module.to(memory_format=...) is documented but missing from the type stubs
         self.post_quant_conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.decoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

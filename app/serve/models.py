@@ -3,7 +3,8 @@
 Each variant gets its own copy of the transformer (passes rewrite it); the VQVAE is shared by every
 variant whose passes left its modules, its tensors and the pipeline's decoder hook unchanged. Memory is
 accounted per variant. Variants with windowed attention share one window plan, and variants sharing
-attention across CFG one sharing plan: the checkpoint's, or one calibrated at load when asked for.
+attention across CFG one sharing plan: the checkpoint's, or one calibrated at load when asked for
+(`plans_for`, app/compress/plans.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.compress import CFG_ATTENTION_SHARING, WINDOWED_ATTENTION, apply_variant, variant_spec
-from app.compress.attention_passes import PlanOrigin, both_plans, sharing_plan, window_plan
-from app.compress.registry import PassSpec, VariantSpec
-from app.compress.sharing import SharingPlan
-from app.compress.windows import WindowPlan
+from app.compress import apply_variant, variant_spec
+from app.compress.plans import PlanOrigin, Plans, plans_for
+from app.compress.registry import PlanKind, VariantSpec
 from app.model.checkpoint import load_folder
 from app.model.config import PipelineConfig
 from app.model.memory import module_bytes
@@ -83,62 +82,33 @@ def load_model(
     `calibrate_missing_plans`, which calibrates one plan for them all on the unmodified model."""
     base = load_folder(folder).to(device)
     model = ServedModel(folder, base.config, device)
-    plans = _Plans.find(base, variant_names, calibrate_missing_plans)
+    specs = [variant_spec(name) for name in variant_names]
+    plans = plans_for(base, folder, specs, calibrate_missing=calibrate_missing_plans)
     if len(variant_names) == 1:  # nothing to share: transform the loaded pipeline itself
         name = variant_names[0]
-        pipe = plans.apply(name, base)
-        model.variants[name] = plans.served(name, pipe, module_bytes(pipe.var, pipe.vqvae), False)
+        pipe = apply_variant(name, base, plans=plans)
+        model.variants[name] = _served(name, pipe, plans, module_bytes(pipe.var, pipe.vqvae), False)
         return model
     shared = False
     for name in variant_names:
-        pipe = plans.apply(name, copy.deepcopy(base))
+        pipe = apply_variant(name, copy.deepcopy(base), plans=plans)
         shares = vqvae_shareable(pipe, base)
         if shares:
             pipe.vqvae, pipe.decoder_fn = base.vqvae, base.decoder_fn  # the copy is dropped
             shared = True
         own = module_bytes(pipe.var) if shares else module_bytes(pipe.var, pipe.vqvae)
-        model.variants[name] = plans.served(name, pipe, own, shares)
+        model.variants[name] = _served(name, pipe, plans, own, shares)
     model.shared_bytes = module_bytes(base.vqvae) if shared else 0
     return model
 
 
-@dataclass
-class _Plans:
-    """The window and sharing plans of the variants, found (or calibrated) once before any pass runs."""
-
-    windows: WindowPlan | None = None
-    windows_origin: PlanOrigin | None = None
-    sharing: SharingPlan | None = None
-    sharing_origin: PlanOrigin | None = None
-
-    @classmethod
-    def find(cls, base: VARPipeline, variant_names: Sequence[str], calibrate_missing: bool) -> _Plans:
-        plans = cls()
-        windowed, sharing = (
-            _any_uses(variant_names, WINDOWED_ATTENTION),
-            _any_uses(variant_names, CFG_ATTENTION_SHARING),
-        )
-        if windowed and sharing:
-            found = both_plans(base, calibrate_missing=calibrate_missing)
-            (plans.windows, plans.windows_origin), (plans.sharing, plans.sharing_origin) = found
-        elif windowed:
-            plans.windows, plans.windows_origin = window_plan(base, calibrate_missing=calibrate_missing)
-        elif sharing:
-            plans.sharing, plans.sharing_origin = sharing_plan(base, calibrate_missing=calibrate_missing)
-        return plans
-
-    def apply(self, name: str, pipe: VARPipeline) -> VARPipeline:
-        return apply_variant(name, pipe, window_plan=self.windows, sharing_plan=self.sharing)
-
-    def served(self, name: str, pipe: VARPipeline, weight_bytes: int, shares: bool) -> ServedVariant:
-        spec = variant_spec(name)
-        windows = self.windows_origin if spec.uses(WINDOWED_ATTENTION) else None
-        sharing = self.sharing_origin if spec.uses(CFG_ATTENTION_SHARING) else None
-        return ServedVariant(name, spec, pipe, weight_bytes, shares, windows, sharing)
-
-
-def _any_uses(variant_names: Sequence[str], spec: PassSpec) -> bool:
-    return any(variant_spec(name).uses(spec) for name in variant_names)
+def _served(name: str, pipe: VARPipeline, plans: Plans, weight_bytes: int, shares: bool) -> ServedVariant:
+    """The variant as served, with where each plan it takes came from."""
+    spec = variant_spec(name)
+    takes = spec.plans()
+    windows = plans.windows_origin if PlanKind.WINDOWS in takes else None
+    sharing = plans.sharing_origin if PlanKind.SHARING in takes else None
+    return ServedVariant(name, spec, pipe, weight_bytes, shares, windows, sharing)
 
 
 def vqvae_shareable(pipe: VARPipeline, base: VARPipeline) -> bool:

@@ -72,8 +72,8 @@ class ServeSettings(BaseSettings):
     warmup: bool = Field(default=True, description="run every variant at every batch size before becoming ready")
     calibrate_missing_plans: bool = Field(
         default=False,
-        description="calibrate a window plan at load for windowed variants of a checkpoint without "
-        "window_plan.safetensors (slow; otherwise they refuse to load)",
+        description="calibrate at load the window or sharing plan that a variant takes and the checkpoint folder "
+        "lacks (window_plan.safetensors, sharing_plan.safetensors; slow; otherwise such variants refuse to load)",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")

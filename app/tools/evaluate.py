@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from app.compress import VARIANTS, apply_variant
+from app.compress import VARIANTS, apply_variant, variant_spec
+from app.compress.plans import plans_for
 from app.model.checkpoint import load_folder
 from app.quality.evaluation import (
     NOISE_FLOOR_SEED_OFFSET,
@@ -45,6 +46,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     judges = open_judges(a.features, a.reference, a.reference_split)
     uncertainty = Uncertainty(a.bootstrap, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size)
     base = load_folder(a.model)
+    plans = plans_for(base, a.model, [variant_spec(name) for name in a.variants])
     run = EvalRun(base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p), a.batch_size, a.label)
     C = base.num_classes
     prompts = Prompts.make(C, a.images_per_class, a.seed)
@@ -53,7 +55,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     a.out_dir.mkdir(parents=True, exist_ok=True)
     for name in a.variants:
-        pipe = base if name == "baseline" else apply_variant(name, load_folder(a.model))
+        pipe = base if name == "baseline" else apply_variant(name, load_folder(a.model), plans=plans)
         record, images = evaluate_variant(name, pipe, prompts, run, judges, "main", uncertainty)
         if a.greedy_per_class:
             agreement = greedy_agreement(pipe, base, greedy_prompts, run.params.cfg, a.batch_size)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from app.compress import VARIANTS, apply_variant
+from app.compress import VARIANTS, apply_variant, variant_spec
+from app.compress.plans import plans_for
 from app.model.checkpoint import open_pipeline
 from app.model.config import PRESETS
 from app.model.timing import Stage, StageTimer
@@ -29,7 +30,8 @@ def generate_command(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    pipe = apply_variant(a.variant, open_pipeline(a.checkpoint, a.preset, a.random_init).to(a.device))
+    pipe = open_pipeline(a.checkpoint, a.preset, a.random_init).to(a.device)
+    pipe = apply_variant(a.variant, pipe, plans=plans_for(pipe, a.checkpoint, [variant_spec(a.variant)]))
     load_s = time.perf_counter() - t0
     # the model's own sampling settings, as the server and the benchmark use; flags override them
     params = pipe.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)

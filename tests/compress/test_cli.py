@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from app.compress import apply_variant
+from app.compress import VARIANTS
 from app.compress.__main__ import main
 from app.compress.attention import PlannedAttention
-from app.compress.attention_passes import MissingSharingPlan, MissingWindowPlan
+from app.compress.plans import MissingSharingPlan, MissingWindowPlan, PlanOrigin, plans_for
 from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan
 from app.compress.windows import PLAN_FILE, WindowPlan
 from app.model.checkpoint import load_folder
 from app.model.checksums import sha256, write_sums
-from tests.conftest import DEMO
+from tests.conftest import DEMO, load_variant
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def model_dir(tmp_path: Path) -> Path:
 
 def test_calibrate_saves_both_plans_that_the_litevar_variant_loads(model_dir: Path, capsys) -> None:
     with pytest.raises(MissingWindowPlan, match=re.escape(f"`python -m app.compress calibrate --model {model_dir}`")):
-        apply_variant("windows", load_folder(model_dir))  # no plan: it refuses, naming the command below
+        plans_for(load_folder(model_dir), model_dir, [VARIANTS["windows"]])  # no plan: refused, naming the command
     args = ["calibrate", "--model", str(model_dir), "--tau", "0.7", "--batches", "1", "--batch-size", "3"]
     assert main([*args, "--threshold", "0.1"]) == 0
     plan = WindowPlan.load(model_dir / PLAN_FILE)
@@ -42,7 +42,9 @@ def test_calibrate_saves_both_plans_that_the_litevar_variant_loads(model_dir: Pa
     out = capsys.readouterr().out
     assert f"{100 * plan.kept_fraction():.1f}%" in out
     assert f"{int(sharing.shared.sum())} of 28 (layer, scale) pairs shared" in out
-    pipe = apply_variant("litevar-float", load_folder(model_dir))
+    found = plans_for(load_folder(model_dir), model_dir, [VARIANTS["litevar-float"]])
+    assert (found.windows_origin, found.sharing_origin) == (PlanOrigin.FILE, PlanOrigin.FILE)
+    pipe = load_variant("litevar-float", model_dir)
     kernels = [b.attn.kernel for b in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {3, 4, 5, 6} for k in kernels)
     assert [k.share_scales for k in kernels] == [sharing.scales(layer) for layer in range(4)]
@@ -56,7 +58,7 @@ def test_calibrating_the_sharing_plan_alone_keeps_the_window_plan(
     shutil.copyfile(DEMO / PLAN_FILE, model_dir / PLAN_FILE)
     write_sums(model_dir)
     with pytest.raises(MissingSharingPlan, match=re.escape(f"--model {model_dir} --sharing-only`")):
-        apply_variant("cfg-share", load_folder(model_dir))
+        plans_for(load_folder(model_dir), model_dir, [VARIANTS["cfg-share"]])
     args = ["calibrate", "--model", str(model_dir), "--sharing-only", "--batches", "1", "--batch-size", "3"]
     assert main([*args, "--threshold", threshold]) == 0
     assert sha256(model_dir / PLAN_FILE) == sha256(DEMO / PLAN_FILE)
@@ -64,5 +66,5 @@ def test_calibrating_the_sharing_plan_alone_keeps_the_window_plan(
         f"{shared} of 28 (layer, scale) pairs shared, {flops_kept} of the attention FLOPs kept"
         in capsys.readouterr().out
     )
-    pipe = apply_variant("cfg-share", load_folder(model_dir))  # loads: the checksums cover the new plan
+    pipe = load_variant("cfg-share", model_dir)  # loads: the checksums cover the new plan
     assert sum(len(b.attn.kernel.share_scales) for b in pipe.var.block_list) == shared

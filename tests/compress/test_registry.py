@@ -1,5 +1,6 @@
 """Variants as data: every named variant keeps its passes and options, the registry describes itself as plain
-data, typed options reach the pass functions, and windowed attention never calibrates behind the caller's back."""
+data, typed options reach the pass functions, and the passes take the checkpoint's plans from the caller: windowed
+attention never calibrates behind the caller's back."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from app.compress import (
     variant_spec,
 )
 from app.compress.attention import PlannedAttention
-from app.compress.attention_passes import MissingWindowPlan
 from app.compress.guidance import GuidanceOff, guidance_off_last
-from app.compress.registry import PassSpec, Step
+from app.compress.plans import PlanNotGiven, Plans
+from app.compress.registry import PassSpec, PlanKind, Step
 from app.compress.windows import WindowPlan, WindowSettings
 from app.model.checkpoint import random_pipeline
 from app.model.config import DEMO
@@ -108,10 +109,28 @@ def test_options_must_match_the_function_and_its_defaults() -> None:
 
 
 def test_windowed_attention_refuses_without_a_plan_and_uses_a_given_one(demo_shaped: VARPipeline) -> None:
-    with pytest.raises(MissingWindowPlan, match=re.escape("python -m app.compress calibrate --model <folder>")):
-        apply_variant("windows", copy.deepcopy(demo_shaped))
+    untouched = copy.deepcopy(demo_shaped)
+    with pytest.raises(PlanNotGiven, match=re.escape("variant 'windows' takes a window plan and none was given")):
+        apply_variant("windows", untouched)
+    assert not any(isinstance(blk.attn.kernel, PlannedAttention) for blk in untouched.var.block_list)
     cfg = DEMO.var
     plan = WindowPlan.full(cfg.depth, cfg.num_heads, cfg.patch_nums, WindowSettings(dense_scales=5))
-    pipe = apply_variant("windows", copy.deepcopy(demo_shaped), window_plan=plan)
+    with pytest.raises(PlanNotGiven, match="variant 'litevar-float' takes a sharing plan"):
+        apply_variant("litevar-float", copy.deepcopy(demo_shaped), plans=Plans(windows=plan))
+    pipe = apply_variant("windows", copy.deepcopy(demo_shaped), plans=Plans(windows=plan))
     kernels = [blk.attn.kernel for blk in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {5, 6} for k in kernels)
+
+
+def test_every_variant_takes_the_plans_of_its_attention_passes() -> None:
+    takes = {name: v.plans() for name, v in VARIANTS.items()}
+    windows, sharing = PlanKind.WINDOWS, PlanKind.SHARING
+    both = {"litevar", "litevar-float", "fastest", "fastest-int8"}
+    assert {name for name, kinds in takes.items() if kinds == {windows, sharing}} == both
+    assert takes["windows"] == {windows} and takes["cfg-share"] == {sharing}
+    assert all(not kinds for name, kinds in takes.items() if name not in {*both, "windows", "cfg-share"})
+
+
+def test_a_pass_said_to_take_a_plan_must_have_a_plan_argument() -> None:
+    with pytest.raises(TypeError, match="guidance_off_last takes a window plan but has no keyword argument `plan`"):
+        PassSpec("guidance_off_last", guidance_off_last, GuidanceOff, "summary", PlanKind.WINDOWS)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.compress import apply_variant
+from app.compress import VARIANTS, apply_variant
 from app.compress.attention import PlannedAttention
-from app.compress.attention_passes import MissingSharingPlan, PlanOrigin, cfg_attention_sharing, saved_sharing_plan
+from app.compress.attention_passes import cfg_attention_sharing
 from app.compress.calibrate import calibrate, calibrate_plans, calibrate_sharing
+from app.compress.plans import MissingSharingPlan, PlanNotGiven, PlanOrigin, load_sharing_plan, plans_for
 from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings, guidance_ramp
 from app.compress.windows import WindowSettings
 from app.model.checkpoint import load_folder
@@ -32,6 +33,10 @@ FEW = SharingSettings(batches=1, batch_size=3)
 @pytest.fixture(scope="module")
 def demo() -> VARPipeline:
     return load_folder(DEMO)
+
+
+def shipped_plan(demo: VARPipeline) -> SharingPlan:
+    return load_sharing_plan(DEMO / SHARING_PLAN_FILE, demo.config.var)
 
 
 @pytest.fixture(scope="module")
@@ -181,21 +186,26 @@ def test_explicit_scales_and_layers_override_the_plan(demo: VARPipeline) -> None
 
 
 def test_the_sharing_variants_use_the_plan_saved_beside_the_checkpoint(demo: VARPipeline) -> None:
-    plan = saved_sharing_plan(demo)
+    plan = shipped_plan(demo)
     assert 0 < int(plan.shared.sum()) < plan.shared.numel()  # the demo's calibrated scope: neither end
     expected = [plan.scales(layer) for layer in range(plan.depth)]
     for name in ("cfg-share", "litevar-float", "litevar"):
-        assert shared_scales(apply_variant(name, copy.deepcopy(demo))) == expected, name
+        plans = plans_for(demo, DEMO, [VARIANTS[name]])
+        assert plans.sharing_origin is PlanOrigin.FILE, name
+        assert shared_scales(apply_variant(name, copy.deepcopy(demo), plans=plans)) == expected, name
 
 
-def test_without_a_saved_plan_the_pass_refuses_naming_the_command(tmp_path: Path, small: VARPipeline) -> None:
-    pipe = copy.deepcopy(small)
+def test_without_a_saved_plan_sharing_refuses_naming_the_command(tmp_path: Path, small: VARPipeline) -> None:
+    cfg_share = [VARIANTS["cfg-share"]]
     with pytest.raises(MissingSharingPlan, match=re.escape("calibrate --model <folder> --sharing-only`")):
-        cfg_attention_sharing(pipe)
-    pipe.source = tmp_path
+        plans_for(small, None, cfg_share)
     command = f"`python -m app.compress calibrate --model {tmp_path} --sharing-only`"
     with pytest.raises(MissingSharingPlan, match=re.escape(command)):
-        apply_variant("cfg-share", pipe)
+        plans_for(small, tmp_path, cfg_share)
+    with pytest.raises(PlanNotGiven, match="variant 'cfg-share' takes a sharing plan"):
+        apply_variant("cfg-share", copy.deepcopy(small))
+    with pytest.raises(ValueError, match="takes a sharing plan, or explicit scales or layers"):
+        cfg_attention_sharing(copy.deepcopy(small))
 
 
 def test_the_service_loads_the_sharing_plan_and_says_where_it_came_from(tmp_path: Path, demo: VARPipeline) -> None:
@@ -210,5 +220,5 @@ def test_the_service_loads_the_sharing_plan_and_says_where_it_came_from(tmp_path
         load_model(folder, ["cfg-share"], cpu)
     calibrated = load_model(folder, ["cfg-share"], cpu, calibrate_missing_plans=True).variants["cfg-share"]
     assert calibrated.sharing_plan is PlanOrigin.CALIBRATED
-    plan = saved_sharing_plan(demo)  # the same calibration settings give the shipped plan's scope
+    plan = shipped_plan(demo)  # the same calibration settings give the shipped plan's scope
     assert shared_scales(calibrated.pipeline) == [plan.scales(layer) for layer in range(plan.depth)]

@@ -7,13 +7,12 @@ import copy
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 
-from app.compress import apply_variant
 from app.compress.compiled import compiled_step
 from app.compress.guidance import guidance_off_last
 from app.model.checkpoint import load_folder
 from app.serve.http.encoding import encode_images
 from app.serve.models import vqvae_shareable
-from tests.conftest import DEMO
+from tests.conftest import DEMO, load_variant
 from tests.serve.conftest import serve_settings, serving
 
 
@@ -49,7 +48,7 @@ def test_a_litevar_image_is_bitwise_the_same_batched_or_alone() -> None:
     settings = serve_settings(DEMO, variants=["litevar"], max_batch_size=3, max_wait_ms=60_000)
     with serving(settings) as c, ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(lambda b: c.post("/generate", json=b).json(), bodies))
-    alone_pipe = apply_variant("litevar", load_folder(DEMO))
+    alone_pipe = load_variant("litevar")
     for body, answer in zip(bodies, answers, strict=True):
         assert answer["batch_sizes"] == [3]
         alone = alone_pipe.generate([body["class_label"]], seeds=[body["seed"]])

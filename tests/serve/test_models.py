@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 import app.compress.calibrate
 from app.compress.attention import PlannedAttention
-from app.compress.attention_passes import MissingWindowPlan, PlanOrigin
+from app.compress.plans import MissingWindowPlan, PlanOrigin
 from app.serve.app import create_app
 from app.serve.models import load_model
 from app.serve.service import compute_threads

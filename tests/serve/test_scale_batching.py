@@ -16,8 +16,6 @@ from typing import Any
 import torch
 
 from app.bench.prometheus_text import NO_LABELS, parse
-from app.compress import apply_variant
-from app.model.checkpoint import load_folder
 from app.model.kv_cache import KVLease
 from app.model.pipeline import VARPipeline
 from app.model.rollout import Rollout
@@ -29,7 +27,7 @@ from app.serve.engine.scale_batching import ScaleBatching
 from app.serve.engine.whole_batching import WholeBatching
 from app.serve.http.encoding import encode_images
 from app.serve.metrics import ServeMetrics
-from tests.conftest import DEMO
+from tests.conftest import DEMO, load_variant
 from tests.serve.conftest import Recording, serve_settings, serving
 from tests.serve.test_engine import FAST, request, run
 
@@ -162,7 +160,7 @@ def test_through_the_api_requests_arriving_during_generations_join_them_bitwise_
     with serving(settings) as c, ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(post, enumerate(bodies)))
         text = c.get("/metrics").text
-    pipes = {v: apply_variant(v, load_folder(DEMO)) for v in ("baseline", "litevar")}
+    pipes = {v: load_variant(v) for v in ("baseline", "litevar")}
     for body, answer in zip(bodies, answers, strict=True):
         pipe = pipes[str(body["variant"])]
         n = int(body.get("num_images", 1))
