@@ -48,8 +48,13 @@ conformance: $(STAMP)
 	$(PY) -m app conformance tests/data/var_official_tiny
 	$(PY) -m app conformance tests/data/var_official_shared_aln
 
+# The default comparison: the d16 shape (random weights), the float32 baseline, our bf16 variant and the compressed
+# variants at batch 1 and 8, with the official code beside them when OFFICIAL_SRC names a checkout of it
+# (`official-bf16` among them where bfloat16 is native); BENCH_ARGS adds or overrides options.
+BENCH_DEFAULTS := --preset d16 --variants baseline,bf16,litevar,fastest --batch-sizes 1,8 --runs 3 \
+	--json runs/bench.json $(if $(OFFICIAL_SRC),--official-src $(OFFICIAL_SRC))
 bench: $(STAMP)
-	$(PY) -m app.bench $(BENCH_ARGS)
+	$(PY) -m app.bench $(BENCH_DEFAULTS) $(BENCH_ARGS)
 
 # Open-loop load on loopback (docs/reliability.md): starts the server (baseline, litevar), measures its capacity,
 # ramps from idle to 4x capacity and back in 2 minutes; writes runs/loadtest.json; fails on any request not

@@ -68,6 +68,17 @@ def print_table(records: list[BenchRecord], reference: str) -> None:
             "(median of the rounds; lower means a busier machine)"
         )
     print_kernels(records)
+    print_start_times(records)
+
+
+def print_start_times(records: list[BenchRecord]) -> None:
+    """Per variant, what it costs before its first timed call: applying its passes, then the first call at
+    each batch size (compilation happens there, and again per batch size where graphs are per shape)."""
+    for variant in dict.fromkeys(r.variant for r in records):
+        mine = [r for r in records if r.variant == variant]
+        build = f"passes {mine[0].build_seconds:.2f} s, " if mine[0].build_seconds is not None else ""
+        first = ", ".join(f"batch {r.batch_size} {r.first_call_seconds:.2f} s" for r in mine)
+        print(f"start {variant}: {build}first call {first}")
 
 
 def print_kernels(records: list[BenchRecord]) -> None:
@@ -140,8 +151,10 @@ def contenders(a: argparse.Namespace, base: VARPipeline, plans: Plans) -> Iterat
     """Every variant, each built from a copy of `base`, and the official code when asked for."""
     params = base.config.default_sampling.overridden(a.cfg, a.top_k, a.top_p)
     for name in a.variant_list:
-        pipe = apply_variant(name, copy.deepcopy(base) if len(a.variant_list) > 1 else base, plans=plans)
-        yield Contender(name, pipeline_runner(pipe, params), pipe)
+        pipe = copy.deepcopy(base) if len(a.variant_list) > 1 else base
+        t0 = time.perf_counter()
+        pipe = apply_variant(name, pipe, plans=plans)
+        yield Contender(name, pipeline_runner(pipe, params), pipe, build_seconds=time.perf_counter() - t0)
     if a.official_src is not None:
         from app.bench.official import official_runners
 

@@ -57,6 +57,8 @@ class BenchRecord:
     gpu: str | None = None
     layer_kernels: dict[str, str] = field(default_factory=dict)  # layer type -> kernel; empty: not our code
     step_compiled: bool = False
+    build_seconds: float | None = None  # applying the variant's passes (calibration, packing); None: not ours
+    first_call_seconds: float | None = None  # the untimed warm-up call at this batch size: compilation included
 
 
 def pipeline_runner(pipe: VARPipeline, params: SamplingParams) -> Runner:
@@ -142,8 +144,11 @@ def measure(contenders: list[Contender], *, preset: str, device: str, batch_size
     """Warm every contender up, then time them in turns, `runs` rounds: drift of a shared machine (other
     jobs, clocks) then hits every contender alike instead of whichever ran during it."""
     labels = bench_labels(batch_size, num_classes)
+    first_call: dict[str, float] = {}
     for c in contenders:
+        t0 = time.perf_counter()
         c.runner(labels, 0)  # warm-up: allocator, kernels, compilation, page-in of weights
+        first_call[c.name] = time.perf_counter() - t0
     samples = {c.name: Samples() for c in contenders}
     probe: list[float] = []
     for r in range(runs):
@@ -154,6 +159,7 @@ def measure(contenders: list[Contender], *, preset: str, device: str, batch_size
     records = [_record(c.name, samples[c.name], preset, device, batch_size, probe) for c in contenders]
     for record, c in zip(records, contenders, strict=True):
         describe_kernels(record, c.pipe)
+        record.build_seconds, record.first_call_seconds = c.build_seconds, first_call[c.name]
     return records
 
 
@@ -204,3 +210,4 @@ class Contender:
     name: str
     runner: Runner
     pipe: VARPipeline | None  # None for the official code
+    build_seconds: float | None = None  # applying its passes to the loaded pipeline

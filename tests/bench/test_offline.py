@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.bench.offline import main
-from app.bench.runner import PROBE_SIZE, machine_gflops
+from app.bench.runner import PROBE_SIZE, Contender, machine_gflops, measure
 from app.compress.hardware import detected
 from tests.conftest import DEMO
 
@@ -66,9 +66,30 @@ def test_bench_writes_one_record_per_variant_and_batch_size(tmp_path: Path, caps
         ref = reference[r["batch_size"]]
         assert r["speedup_vs_baseline"] == pytest.approx(ref["seconds_per_batch"] / r["seconds_per_batch"])
         assert r["attention_share"] == pytest.approx(r["attention_flops"] / ref["attention_flops"])
+        assert r["build_seconds"] >= 0 and r["first_call_seconds"] > 0
     table = capsys.readouterr().out
     assert "baseline" in table and "bf16" in table and "GFLOP/s" in table
     assert "relative to 'bf16'" in table
+    assert "start bf16: passes" in table and "first call batch 1" in table
+
+
+def test_the_first_call_is_recorded_apart_from_the_timed_ones() -> None:
+    """A contender whose first call compiles (here: sleeps) reports that call as its start, not in its times."""
+    calls = []
+
+    def compiling(labels: list[int], seed: int) -> dict[str, float]:
+        calls.append(seed)
+        if len(calls) == 1:
+            time.sleep(0.2)
+        return {}
+
+    (record,) = measure(
+        [Contender("compiled", compiling, None, build_seconds=1.5)],
+        preset="tiny", device="cpu", batch_size=2, runs=2, num_classes=10,
+    )  # fmt: skip
+    assert len(calls) == 3 and calls[0] == 0  # one warm-up (seed 0), then the timed runs
+    assert record.first_call_seconds is not None and record.first_call_seconds >= 0.2
+    assert max(record.seconds_per_batch_all) < 0.2 and record.build_seconds == 1.5
 
 
 def test_machine_probe_measures_gemm_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
