@@ -18,6 +18,7 @@ from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_att
 from app.compress.compiled import autotuned_step, compiled_step
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.int8_decoder import Int8Decoder, int8_vqvae
 from app.compress.plans import NO_PLANS, Plans
 from app.compress.quantize import MixedPrecision, quantize_linears
 from app.compress.registry import PassFn, PassSpec, PlanKind, Step, VariantSpec
@@ -74,6 +75,12 @@ BF16_VQVAE = _spec(
     "VQVAE convolution weights stored in bfloat16; where bfloat16 is native the decoder runs in it end to end "
     "(oneDNN convolutions pre-packed on CPU), elsewhere in float32.",
 )
+INT8_VQVAE = _spec(
+    int8_vqvae,
+    Int8Decoder,
+    "bf16_vqvae, then where int8 is native (VNNI, AMX) the decoder's residual and upsampling convolutions as "
+    "static int8 convolutions on oneDNN, calibrated on the pipeline's own latents.",
+)
 GUIDANCE_OFF_LAST = _spec(
     guidance_off_last,
     GuidanceOff,
@@ -98,6 +105,7 @@ PASSES: dict[str, PassSpec] = {
         CFG_ATTENTION_SHARING,
         QUANTIZE_LINEARS,
         BF16_VQVAE,
+        INT8_VQVAE,
         GUIDANCE_OFF_LAST,
         COMPILED_STEP,
         AUTOTUNED_STEP,
@@ -125,6 +133,7 @@ VARIANTS: dict[str, VariantSpec] = {
     "cfg-share": VariantSpec("attention sharing across CFG alone", (DEVICE_PRECISION, Step(CFG_ATTENTION_SHARING))),
     "w8a8": VariantSpec("LiteVAR's mixed-precision weights alone", (DEVICE_PRECISION, Step(QUANTIZE_LINEARS))),
     "vqvae-bf16": VariantSpec("the bfloat16-stored VQVAE alone", (DEVICE_PRECISION, Step(BF16_VQVAE))),
+    "vqvae-int8": VariantSpec("the int8 VQVAE decoder alone", (DEVICE_PRECISION, Step(INT8_VQVAE))),
     "guidance-off": VariantSpec("guidance off for the last scale alone", (DEVICE_PRECISION, LAST_SCALE_UNGUIDED)),
     "litevar-float": VariantSpec(
         "LiteVAR's attention passes, weights unquantized: the attention share against quality",

@@ -8,9 +8,10 @@ decoder's dtype. These are the kernels Inductor lowers PT2E's x86 int8 convoluti
 
 Quantizing an activation in eager PyTorch costs several passes over it (scale, round, clamp, cast); on the
 largest maps that cost about what int8 saves in the convolution. So the quantization is one generated
-kernel (torch.compile of a small element-wise function, one graph per activation shape): fused with the
-SiLU before it (the GroupNorm stays ATen's), and done before the nearest upsampling, which then copies
-bytes. The residual add joins the second convolution of a block as oneDNN's sum post-op.
+kernel (torch.compile of a small element-wise function, one graph per activation shape), done before the
+nearest upsampling, which then copies bytes. GroupNorm and SiLU stay ATen's: Inductor's SiLU fused into the
+quantization, and its channels-last GroupNorm, measured slower than ATen's kernels with the separate one.
+The residual add stays an add: oneDNN's sum post-op copies its accumulator first, which costs as much.
 
 Where: CPUs whose int8 dot products are native (the hardware table's `INT8_CONV`: AVX-512 VNNI, AMX), the
 rest of the decoder as `bf16_vqvae` leaves it (bfloat16 where native, else float32). Elsewhere (AVX2,
@@ -25,6 +26,7 @@ float32 and the timings: docs/benchmarks.md, "The int8 decoder".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -45,13 +47,8 @@ def _quantize(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor
     return torch.clamp(torch.round(x.float() * inv_scale) + zero_point, 0, 255).to(torch.uint8)
 
 
-def _silu_quantize(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return _quantize(F.silu(x.float()), inv_scale, zero_point)
-
-
 # dynamic=False: one graph per activation shape (a decoder has a dozen), scales are tensors so never baked in
 quantize = torch.compile(_quantize, dynamic=False, fullgraph=True)
-silu_quantize = torch.compile(_silu_quantize, dynamic=False, fullgraph=True)
 
 
 def input_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -95,6 +92,7 @@ class Int8Conv2d(PackedConv):
         w_scale = (weight.abs().amax(dim=(1, 2, 3)) / 127).clamp_min(_TINY)
         self.register_buffer("weight_scale", w_scale)
         self._w_zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        self._x_qparams = (scale, zero_point)  # as numbers for the kernel: no tensor reads per call
         self._packed = self._pack(torch.round(weight / w_scale[:, None, None, None]).clamp_(-127, 127).to(torch.int8))
 
     def _pack(self, qweight: torch.Tensor) -> torch.Tensor:
@@ -119,19 +117,12 @@ class Int8Conv2d(PackedConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qforward(self.quantize(x))
 
-    def qforward(self, qx: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution of an already quantized input; `accum` (the output's dtype) is added by oneDNN's
-        sum post-op, sparing a pass over the output."""
-        args = (float(self.input_scale), int(self.input_zero_point), self._packed, self.weight_scale,
-                self._w_zero_points)  # fmt: skip
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        if accum is None:
-            return torch.ops.onednn.qconv2d_pointwise(
-                qx, *args, self.bias, *geometry, 1.0, 0, self.out_dtype, "none", [], ""
-            )
-        return torch.ops.onednn.qconv2d_pointwise.binary(
-            qx, *args, accum, self.bias, *geometry, 1.0, 0, self.out_dtype, 1.0, 0, "sum", 1.0, "none", [], ""
-        )
+    def qforward(self, qx: torch.Tensor) -> torch.Tensor:
+        """The convolution of an already quantized input."""
+        return torch.ops.onednn.qconv2d_pointwise(
+            qx, self._x_qparams[0], self._x_qparams[1], self._packed, self.weight_scale, self._w_zero_points,
+            self.bias, self.stride, self.padding, self.dilation, self.groups, 1.0, 0, self.out_dtype, "none", [], "",
+        )  # fmt: skip
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.weight  # before the bias, in Conv2d's order
@@ -160,15 +151,9 @@ class Int8ResnetBlock(ResnetBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv1, conv2 = cast(Int8Conv2d, self.conv1), cast(Int8Conv2d, self.conv2)
-        h = conv1.qforward(self._silu_quantize(self.norm1(x), conv1))
-        shortcut = self.nin_shortcut(x)
-        if shortcut is x:  # the sum post-op writes into its accumulator: never into the block's input
-            shortcut = x.clone()
-        return conv2.qforward(self._silu_quantize(self.norm2(h), conv2), accum=shortcut)
-
-    @staticmethod
-    def _silu_quantize(x: torch.Tensor, conv: Int8Conv2d) -> torch.Tensor:
-        return silu_quantize(x, 1 / conv.input_scale, conv.input_zero_point)
+        h = conv1.qforward(conv1.quantize(F.silu(self.norm1(x))))
+        # the residual added in place: oneDNN's sum post-op copies its accumulator first, no faster
+        return conv2.qforward(conv2.quantize(F.silu(self.norm2(h)))).add_(self.nin_shortcut(x))
 
 
 class Int8Upsample2x(Upsample2x):
@@ -237,6 +222,13 @@ def calibration_latents(pipe: VARPipeline, images: int) -> torch.Tensor:
     deterministic, and apart from the seeds requests and benchmarks start at."""
     labels = [i % pipe.num_classes for i in range(images)]
     return pipe.generate(labels, seeds=[CALIBRATION_SEED + i for i in range(images)]).f_hat
+
+
+@dataclass(frozen=True)
+class Int8Decoder:
+    """`int8_vqvae`'s options: how many generations' latents calibrate the input scales."""
+
+    calibration_images: int = 4
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ PASSES_OF = {
     "cfg-share": [DEFAULT, "cfg_attention_sharing"],
     "w8a8": [DEFAULT, "quantize_linears"],
     "vqvae-bf16": [DEFAULT, "bf16_vqvae"],
+    "vqvae-int8": [DEFAULT, "int8_vqvae"],
     "guidance-off": [DEFAULT, "guidance_off_last"],
     "litevar-float": [DEFAULT, *ATTENTION],
     "compiled": [DEFAULT, "compiled_step"],
