@@ -163,7 +163,9 @@ BF16_NATIVE: dict[Level, bool] = {
 
 # Whether static int8 convolutions (oneDNN's qconv: u8 activations, s8 weights) run natively, so that the
 # VQVAE decoder's large convolutions pay in int8 (`int8_vqvae`). VNNI's dot products take four int8 pairs
-# where AVX-512 BF16's take two bfloat16 pairs; below VNNI, int8 products take three instructions.
+# where AVX-512 BF16's take two bfloat16 pairs; below VNNI, int8 products take three instructions. Measured on
+# avx512_bf16 only (docs/benchmarks.md, "The int8 decoder": 0.58-0.65x the bf16 decoder's time at d16); the
+# avx512_vnni row (float32 around the int8 convolutions) and amx follow from the instructions, unmeasured.
 INT8_CONV: dict[Level, bool] = {
     "amx": True,
     "avx512_bf16": True,

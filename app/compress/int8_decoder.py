@@ -165,15 +165,24 @@ class Int8Upsample2x(Upsample2x):
         return conv.qforward(F.interpolate(conv.quantize(x), scale_factor=2, mode="nearest"))
 
 
-def int8_targets(vqvae: VQVAE) -> dict[str, nn.Module]:
-    """The decoder convolutions `int8_vqvae` converts, by module name: those of the residual blocks and the
-    upsampling, the large maps (conv_in, conv_out and attention stay)."""
+def int8_targets(vqvae: VQVAE, min_macs: int = 0) -> dict[str, nn.Module]:
+    """The decoder convolutions `int8_vqvae` converts, by module name: those of the residual blocks (a block's
+    all or none, by its second convolution's multiply-adds per image) and of the upsampling with at least
+    `min_macs` multiply-adds per image. conv_in, conv_out and attention stay (small maps or 3 channels)."""
+    shapes = conv_input_shapes(vqvae.cfg)
+
+    def macs(name: str) -> int:
+        conv = vqvae.decoder.get_submodule(name)
+        assert isinstance(conv, (nn.Conv2d, PrepackedConv2d)), f"{name} is a {type(conv).__name__}"
+        kh, kw = conv.kernel_size
+        return conv.out_channels * conv.in_channels * kh * kw * shapes[name][2] * shapes[name][3]  # stride 1
+
     targets: dict[str, nn.Module] = {}
     for name, module in vqvae.decoder.named_modules():
-        if isinstance(module, ResnetBlock):
+        if isinstance(module, ResnetBlock) and macs(f"{name}.conv2") >= min_macs:
             convs = ["conv1", "conv2"] + (["nin_shortcut"] if not isinstance(module.nin_shortcut, nn.Identity) else [])
             targets.update({f"{name}.{c}": module.get_submodule(c) for c in convs})
-        elif isinstance(module, Upsample2x):
+        elif isinstance(module, Upsample2x) and macs(f"{name}.conv") >= min_macs:
             targets[f"{name}.conv"] = module.conv
     return targets
 
@@ -199,20 +208,22 @@ def input_ranges(vqvae: VQVAE, modules: dict[str, nn.Module], f_hat: torch.Tenso
     return ranges
 
 
-def convert_decoder(vqvae: VQVAE, f_hat: torch.Tensor) -> None:
+def convert_decoder(vqvae: VQVAE, f_hat: torch.Tensor, min_macs: int = 0) -> None:
     """The decoder's `int8_targets` as `Int8Conv2d`, calibrated on decoding `f_hat` (CPU only); their blocks
     as `Int8ResnetBlock` and `Int8Upsample2x` (same submodules, so the same state-dict keys)."""
-    targets = int8_targets(vqvae)
+    targets = int8_targets(vqvae, min_macs)
+    if not targets:
+        return
     ranges, shapes = input_ranges(vqvae, targets, f_hat), conv_input_shapes(vqvae.cfg)
     out_dtype = vqvae.decoder.dtype
     for name, conv in targets.items():
-        assert isinstance(conv, (nn.Conv2d, PrepackedConv2d)), f"{name} is a {type(conv).__name__}"
+        assert isinstance(conv, (nn.Conv2d, PrepackedConv2d))
         parent, _, child = name.rpartition(".")
         setattr(vqvae.decoder.get_submodule(parent), child, Int8Conv2d(conv, shapes[name], ranges[name], out_dtype))
     for module in vqvae.decoder.modules():
-        if type(module) is ResnetBlock:
+        if type(module) is ResnetBlock and isinstance(module.conv2, Int8Conv2d):
             module.__class__ = Int8ResnetBlock
-        elif type(module) is Upsample2x:
+        elif type(module) is Upsample2x and isinstance(module.conv, Int8Conv2d):
             module.__class__ = Int8Upsample2x
     configure_dynamo()  # room for the quantization kernels' graphs, one per activation shape
 
@@ -224,21 +235,30 @@ def calibration_latents(pipe: VARPipeline, images: int) -> torch.Tensor:
     return pipe.generate(labels, seeds=[CALIBRATION_SEED + i for i in range(images)]).f_hat
 
 
+# Multiply-adds per image below which a convolution stays bfloat16: quantizing its input and oneDNN's int8 call
+# cost more than int8 saves. Between the demo model's largest (3.8e7; its int8 decoder measured 1.45x slower than
+# bf16) and d16's smallest converted (9.4e8; 1.8x faster in int8), not located more finely.
+MIN_MACS = 10**8
+
+
 @dataclass(frozen=True)
 class Int8Decoder:
-    """`int8_vqvae`'s options: how many generations' latents calibrate the input scales."""
+    """`int8_vqvae`'s options: how many generations' latents calibrate the input scales, and the multiply-adds
+    per image a convolution needs to be converted."""
 
     calibration_images: int = 4
+    min_macs: int = MIN_MACS
 
 
 @torch.no_grad()
-def int8_vqvae(pipe: VARPipeline, *, calibration_images: int = 4) -> VARPipeline:
+def int8_vqvae(pipe: VARPipeline, *, calibration_images: int = 4, min_macs: int = MIN_MACS) -> VARPipeline:
     """`bf16_vqvae`, then, where int8 convolutions are native (CPUs with VNNI or AMX), the decoder's residual
-    block and upsampling convolutions as static int8 convolutions, calibrated on the latents of
-    `calibration_images` generations of `pipe` as given. Elsewhere `bf16_vqvae` alone (bfloat16 where native,
-    else float32). Run after moving the pipeline to its device, before compiling."""
+    block and upsampling convolutions of at least `min_macs` multiply-adds per image as static int8
+    convolutions, calibrated on the latents of `calibration_images` generations of `pipe` as given. Elsewhere,
+    or when no convolution is that large (the demo model), `bf16_vqvae` alone (bfloat16 where native, else
+    float32). Run after moving the pipeline to its device, before compiling."""
     bf16_vqvae(pipe)
-    if not int8_conv_native(pipe.device):
+    if not int8_conv_native(pipe.device) or not int8_targets(pipe.vqvae, min_macs):
         return pipe
-    convert_decoder(pipe.vqvae, calibration_latents(pipe, calibration_images))
+    convert_decoder(pipe.vqvae, calibration_latents(pipe, calibration_images), min_macs)
     return pipe

@@ -17,6 +17,7 @@ from app.compress.compiled import compiled_step
 from app.compress.decoder import bf16_vqvae
 from app.compress.hardware import INT8_CONV, LEVELS
 from app.compress.int8_decoder import (
+    MIN_MACS,
     Int8Conv2d,
     Int8ResnetBlock,
     Int8Upsample2x,
@@ -25,7 +26,9 @@ from app.compress.int8_decoder import (
     int8_vqvae,
 )
 from app.model.checkpoint import load_folder
+from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
+from app.model.vqvae import VQVAE
 from tests.conftest import DEMO
 
 pytestmark = pytest.mark.compile
@@ -51,7 +54,7 @@ def f_hat(demo: VARPipeline) -> torch.Tensor:
 def int8(demo: VARPipeline) -> VARPipeline:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VAR_CPU_ISA", "avx512_bf16")
-        return int8_vqvae(copy.deepcopy(demo), calibration_images=2)
+        return int8_vqvae(copy.deepcopy(demo), calibration_images=2, min_macs=0)  # the demo's convs are small
 
 
 def test_every_residual_and_upsampling_conv_runs_on_onednns_int8_kernel(
@@ -90,7 +93,7 @@ def test_calibration_is_deterministic_and_copies_decode_the_same(
     demo: VARPipeline, int8: VARPipeline, f_hat: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
-    again = int8_vqvae(copy.deepcopy(demo), calibration_images=2)
+    again = int8_vqvae(copy.deepcopy(demo), calibration_images=2, min_macs=0)
     with torch.inference_mode():
         expected = int8.decode(f_hat)
         assert torch.equal(again.decode(f_hat), expected)
@@ -111,9 +114,24 @@ def test_without_native_int8_the_decoder_is_bf16_vqvaes(
     demo: VARPipeline, f_hat: torch.Tensor, monkeypatch: pytest.MonkeyPatch, isa: str
 ) -> None:
     monkeypatch.setenv("VAR_CPU_ISA", isa)
-    pipe, reference = int8_vqvae(copy.deepcopy(demo)), bf16_vqvae(copy.deepcopy(demo))
+    pipe, reference = int8_vqvae(copy.deepcopy(demo), min_macs=0), bf16_vqvae(copy.deepcopy(demo))
     assert not any(isinstance(m, (Int8Conv2d, Int8ResnetBlock)) for m in pipe.vqvae.modules())
     assert pipe.decode_dtype == reference.decode_dtype
+    with torch.inference_mode():
+        assert torch.equal(pipe.decode(f_hat), reference.decode(f_hat))
+
+
+def test_by_default_only_convolutions_large_enough_for_int8_to_pay_are_converted(
+    demo: VARPipeline, f_hat: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All of d16's residual and upsampling convolutions, none of the demo model's (its decoder then is
+    `bf16_vqvae`'s, bitwise)."""
+    with torch.device("meta"):
+        d16 = VQVAE(PRESETS["d16"].vqvae)
+    assert int8_targets(d16, MIN_MACS) == int8_targets(d16) and len(int8_targets(d16)) == 40
+    monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
+    pipe, reference = int8_vqvae(copy.deepcopy(demo)), bf16_vqvae(copy.deepcopy(demo))
+    assert not int8_targets(demo.vqvae, MIN_MACS) and not any(isinstance(m, Int8Conv2d) for m in pipe.vqvae.modules())
     with torch.inference_mode():
         assert torch.equal(pipe.decode(f_hat), reference.decode(f_hat))
 
