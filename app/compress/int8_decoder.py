@@ -62,7 +62,8 @@ class Int8Conv2d(PackedConv):
     """A Conv2d as a static int8 convolution on oneDNN: int8 weight per output channel (symmetric, packed
     for one input shape), uint8 input per tensor (`input_scale`, `input_zero_point` from calibration),
     float32 bias, output in `out_dtype`. State dict: `weight` (int8, unpacked on demand), `bias`,
-    `weight_scale`, `input_scale`, `input_zero_point`."""
+    `weight_scale`, `input_scale`, `input_zero_point`. It is saved, copied and pickled, never loaded into: the
+    pass builds it from a float checkpoint, calibrating as it goes."""
 
     bias: nn.Parameter | None
     weight_scale: torch.Tensor
