@@ -88,7 +88,6 @@ def test_int8_decoder_is_bitwise_batch_invariant_through_generate(int8: VARPipel
         assert torch.equal(batch[i], alone[0]), f"image {i} depends on its batch"
 
 
-@pytest.mark.slow
 def test_calibration_is_deterministic_and_copies_decode_the_same(
     demo: VARPipeline, int8: VARPipeline, f_hat: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
