@@ -3,16 +3,18 @@ the form `bf16_vqvae` installs (app/compress/decoder.py).
 
 A form is a precision (float32; `bf16-autocast`: bfloat16-stored convolution weights under autocast, the
 decoder before this benchmark existed; `bf16`: a bfloat16 decoder end to end; `bf16-packed`: that with its
-convolution weights pre-packed for oneDNN, what `bf16_vqvae` installs on a CPU with native bfloat16), a
-compilation (eager, torch.compile, torch.compile with frozen weights; not for `bf16-packed`) and a batching
+convolution weights pre-packed for oneDNN, what `bf16_vqvae` installs on a CPU with native bfloat16; `int8`:
+that with the residual and upsampling convolutions in static int8, what `int8_vqvae` installs where int8 is
+native, calibrated on other latents than those timed), a compilation (eager, torch.compile, torch.compile
+with frozen weights; not for `bf16-packed` and `int8`) and a batching
 (one image at a time, as the CPU service decodes for batch invariance, or the whole batch in one call).
 
 Every form decodes the same latents from the same weights; forms are timed in turns, `--runs` rounds after
-one warm-up call (which compiles), and reported as medians of wall time and of the process's CPU time (the
-steadier of the two on a shared machine; with several threads it also counts their waits, `--threads 1`
-gives the cleanest measure of the work). Per form: the pixel difference (images in [0, 1]) from float32
-eager, and for batched forms whether the first and last image of a batch equal, bitwise, the same image
-decoded alone.
+one warm-up call (which compiles: the int8 form's quantization kernels too), and reported as medians of wall
+time and of the process's CPU time (the steadier of the two on a shared machine; with several threads it also
+counts their waits, `--threads 1` gives the cleanest measure of the work). Per form: the pixel difference
+(images in [0, 1]) from float32 eager, and for batched forms whether the first and last image of a batch
+equal, bitwise, the same image decoded alone.
 
 ```bash
 .venv/bin/python -m app.bench decoder                                    # d16 VQVAE, random weights
@@ -40,16 +42,19 @@ from app.bench.stats import median
 from app.compress.compiled import configure_dynamo, own_code
 from app.compress.decoder import native_bf16_decoder, prepack_decoder, store_convs_in_bf16
 from app.compress.hardware import detect
+from app.compress.int8_decoder import calibration_latents, convert_decoder
 from app.model.checkpoint import load_folder
 from app.model.config import PRESETS
 from app.model.pipeline import DecoderFn
 from app.model.vqvae import VQVAE
 
-Precision = Literal["float32", "bf16-autocast", "bf16", "bf16-packed"]
+Precision = Literal["float32", "bf16-autocast", "bf16", "bf16-packed", "int8"]
 Compilation = Literal["eager", "compiled", "frozen"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 COMPILATIONS: tuple[Compilation, ...] = get_args(Compilation)
-DEFAULT_FORMS = "float32,bf16-autocast,bf16,bf16-packed,float32/compiled,bf16/compiled,bf16/frozen"
+DEFAULT_FORMS = "float32,bf16-autocast,bf16,bf16-packed,int8,float32/compiled,bf16/compiled,bf16/frozen"
+PACKED: tuple[Precision, ...] = ("bf16-packed", "int8")  # oneDNN's packed weights: eager only
+CALIBRATION_IMAGES = 4  # latents the int8 form is calibrated on, apart from those it decodes
 Decode = Callable[[torch.Tensor], torch.Tensor]  # latents (B, Cvae, h, w) -> images in [0, 1]
 
 
@@ -87,22 +92,26 @@ def parse_forms(text: str) -> list[tuple[Precision, Compilation]]:
         compilation = compilation or "eager"
         if precision not in PRECISIONS or compilation not in COMPILATIONS:
             raise ValueError(f"unknown form {item!r}: precision from {PRECISIONS}, compilation from {COMPILATIONS}")
-        if precision == "bf16-packed" and compilation != "eager":
-            raise ValueError(f"{item}: oneDNN's packed weights are opaque to torch.compile, bf16-packed runs eager")
+        if precision in PACKED and compilation != "eager":
+            raise ValueError(f"{item}: oneDNN's packed weights are opaque to torch.compile, {precision} runs eager")
         forms.append((cast(Precision, precision), cast(Compilation, compilation)))
     return forms
 
 
-def vqvae_in(precision: Precision, base: VQVAE) -> VQVAE:
-    """`base` (float32, channels-last) as stored by a precision: a copy for the bfloat16 ones."""
+def vqvae_in(precision: Precision, base: VQVAE, calibration: torch.Tensor) -> VQVAE:
+    """`base` (float32, channels-last) as stored by a precision: a copy for the others. `int8`: bf16-packed
+    with the convolutions `int8_vqvae` converts in int8, calibrated on decoding `calibration`."""
     if precision == "float32":
         return base
     vqvae = copy.deepcopy(base)
     store_convs_in_bf16(vqvae)
-    if precision in ("bf16", "bf16-packed"):
+    if precision in ("bf16", *PACKED):
         native_bf16_decoder(vqvae)
-    if precision == "bf16-packed":
+    if precision in PACKED:
         prepack_decoder(vqvae)
+    if precision == "int8":
+        with torch.inference_mode():
+            convert_decoder(vqvae, calibration)  # every convolution, whatever its size: min_macs=0
     return vqvae
 
 
@@ -138,18 +147,24 @@ def decode_fn(form: Form, vqvae: VQVAE) -> Decode:
     return decode
 
 
-def latents(a: argparse.Namespace, batch: int) -> tuple[VQVAE, torch.Tensor, str]:
-    """The VQVAE (float32, channels-last), `batch` latents to decode, and the model's name. A checkpoint's
-    latents are generated by its own pipeline; random weights decode random tokens of every scale."""
+def latents(a: argparse.Namespace, batch: int) -> tuple[VQVAE, torch.Tensor, torch.Tensor, str]:
+    """The VQVAE (float32, channels-last), `batch` latents to decode, CALIBRATION_IMAGES other latents for the
+    int8 form, and the model's name. A checkpoint's latents are generated by its own pipeline (calibration:
+    as `int8_vqvae` generates them); random weights decode random tokens of every scale."""
     if a.checkpoint:
         pipe = load_folder(a.checkpoint)
         labels = bench_labels(batch, pipe.num_classes)
-        return pipe.vqvae, pipe.generate(labels, seeds=list(range(batch))).f_hat, pipe.config.name
+        f_hat = pipe.generate(labels, seeds=list(range(batch))).f_hat
+        return pipe.vqvae, f_hat, calibration_latents(pipe, CALIBRATION_IMAGES), pipe.config.name
     config = PRESETS[a.preset]
     torch.manual_seed(0)
     vqvae = VQVAE(config.vqvae).eval().use_channels_last()
-    tokens = [torch.randint(config.vqvae.vocab_size, (batch, pn * pn)) for pn in config.vqvae.patch_nums]
-    return vqvae, vqvae.quantize.idxBl_to_fhat(tokens), config.name
+
+    def random_latents(n: int) -> torch.Tensor:
+        tokens = [torch.randint(config.vqvae.vocab_size, (n, pn * pn)) for pn in config.vqvae.patch_nums]
+        return vqvae.quantize.idxBl_to_fhat(tokens)
+
+    return vqvae, random_latents(batch), random_latents(CALIBRATION_IMAGES), config.name
 
 
 def timed(fn: Decode, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -231,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    base, f_all, model = latents(a, max(a.batch_sizes))
-    vqvaes = {p: vqvae_in(p, base) for p in {"float32", *(p for p, _ in a.forms)}}
+    base, f_all, calibration, model = latents(a, max(a.batch_sizes))
+    vqvaes = {p: vqvae_in(p, base, calibration) for p in {"float32", *(p for p, _ in a.forms)}}
     caps = detect()
     print(f"machine: {caps.describe()}; {torch.get_num_threads()} threads; decoder of {model}")
     timings: list[Timing] = []

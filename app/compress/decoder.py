@@ -50,7 +50,12 @@ class BF16WeightConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
 
 
-class PrepackedConv2d(nn.Module):
+class PackedConv(nn.Module):
+    """A convolution whose weight oneDNN holds packed (no storage): opaque to torch.compile, which leaves a
+    decoder holding one eager."""
+
+
+class PrepackedConv2d(PackedConv):
     """A Conv2d on oneDNN (CPU) with its weight packed once, for one input shape, into the blocked layout
     oneDNN's kernel reads; the same numbers as the Conv2d, bitwise. The packed tensor (in the weight's dtype)
     is the only copy of the weight: state dicts (same keys as Conv2d) and `weight` unpack it on demand.
@@ -185,7 +190,8 @@ def onednn_bf16() -> bool:
 
 
 def is_prepacked(decoder: nn.Module) -> bool:
-    return any(isinstance(m, PrepackedConv2d) for m in decoder.modules())
+    """Whether any convolution of `decoder` is packed by oneDNN (bfloat16 or int8)."""
+    return any(isinstance(m, PackedConv) for m in decoder.modules())
 
 
 @torch.no_grad()

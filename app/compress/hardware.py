@@ -161,6 +161,21 @@ BF16_NATIVE: dict[Level, bool] = {
 }
 
 
+# Whether static int8 convolutions (oneDNN's qconv: u8 activations, s8 weights) run natively, so that the
+# VQVAE decoder's large convolutions pay in int8 (`int8_vqvae`). VNNI's dot products take four int8 pairs
+# where AVX-512 BF16's take two bfloat16 pairs; below VNNI, int8 products take three instructions. Measured on
+# avx512_bf16 only (docs/benchmarks.md, "The int8 decoder": 0.58-0.65x the bf16 decoder's time at d16); the
+# avx512_vnni row (float32 around the int8 convolutions) and amx follow from the instructions, unmeasured.
+INT8_CONV: dict[Level, bool] = {
+    "amx": True,
+    "avx512_bf16": True,
+    "avx512_vnni": True,
+    "avx512": False,
+    "avx2": False,
+    "generic": False,
+}
+
+
 def int8_kernel(device: torch.device | str, caps: Capabilities | None = None) -> Int8Kernel:
     """The int8 linear kernel for `device` from INT8_KERNELS; CPUs without fbgemm get torch._int_mm."""
     if torch.device(device).type != "cpu":
@@ -175,6 +190,11 @@ def bf16_native(device: torch.device | str, caps: Capabilities | None = None) ->
     """Whether bfloat16 matmuls are native on `device` (BF16_NATIVE; CUDA always)."""
     kind = torch.device(device).type
     return kind == "cuda" or (kind == "cpu" and BF16_NATIVE[(caps or detect()).level])
+
+
+def int8_conv_native(device: torch.device | str, caps: Capabilities | None = None) -> bool:
+    """Whether int8 convolutions are native on `device` (INT8_CONV; CPUs only: oneDNN's kernel)."""
+    return torch.device(device).type == "cpu" and INT8_CONV[(caps or detect()).level]
 
 
 # fbgemm's cache blocks (KCB, NCB) of an int8 weight per instruction set (its PackingTraits-inl.h): the packed

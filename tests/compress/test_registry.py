@@ -31,7 +31,7 @@ from app.model.pipeline import VARPipeline
 
 DEFAULT = "device_default_precision"
 ATTENTION = ["windowed_attention", "cfg_attention_sharing"]
-LITEVAR = [DEFAULT, *ATTENTION, "quantize_linears", "bf16_vqvae"]
+LITEVAR = [DEFAULT, *ATTENTION, "quantize_linears", "int8_vqvae"]
 PASSES_OF = {
     "baseline": [DEFAULT],
     "bf16": ["autocast_bf16"],
@@ -40,11 +40,12 @@ PASSES_OF = {
     "cfg-share": [DEFAULT, "cfg_attention_sharing"],
     "w8a8": [DEFAULT, "quantize_linears"],
     "vqvae-bf16": [DEFAULT, "bf16_vqvae"],
+    "vqvae-int8": [DEFAULT, "int8_vqvae"],
     "guidance-off": [DEFAULT, "guidance_off_last"],
     "litevar-float": [DEFAULT, *ATTENTION],
     "compiled": [DEFAULT, "compiled_step"],
     "autotuned": [DEFAULT, "autotuned_step"],
-    "fastest": [DEFAULT, *ATTENTION, "quantize_linears", "bf16_vqvae", "guidance_off_last", "compiled_step"],
+    "fastest": [DEFAULT, *ATTENTION, "quantize_linears", "int8_vqvae", "guidance_off_last", "compiled_step"],
     "fastest-int8": [*LITEVAR, "guidance_off_last"],
 }
 

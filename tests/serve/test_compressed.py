@@ -25,7 +25,7 @@ def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
             "windowed_attention",
             "cfg_attention_sharing",
             "quantize_linears",
-            "bf16_vqvae",
+            "int8_vqvae",
         ]
         # a pass bound with options is described by the function it binds: its name and its docstring's first line
         summary = (inspect.getdoc(guidance_off_last) or "").splitlines()[0]
