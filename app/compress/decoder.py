@@ -52,7 +52,37 @@ class BF16WeightConv2d(nn.Conv2d):
 
 class PackedConv(nn.Module):
     """A convolution whose weight oneDNN holds packed (no storage): opaque to torch.compile, which leaves a
-    decoder holding one eager."""
+    decoder holding one eager. The packed tensor is the only copy of the weight: `weight`, state dicts (the
+    `weight` key first, in Conv2d's order), copies and pickles unpack it; a subclass says how it packs."""
+
+    _packed: torch.Tensor
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in its plain layout, unpacked: a copy, never on the hot path."""
+        return self._packed.to_dense()
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed weight, held outside parameters and buffers (`module_bytes` adds them)."""
+        return self._packed.numel() * self._packed.element_size()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight  # before the bias, in Conv2d's order
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's packed tensors have no storage to copy or pickle: copies carry the plain weight, repacked
+        state = dict(self.__dict__)
+        state["_packed"] = self.weight
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._packed = self._pack(state["_packed"])
 
 
 class PrepackedConv2d(PackedConv):
@@ -80,24 +110,10 @@ class PrepackedConv2d(PackedConv):
             w, self.padding, self.stride, self.dilation, self.groups, self.input_shape
         )
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight in its plain layout, unpacked: a copy, never on the hot path."""
-        return self._packed.to_dense()
-
-    @property
-    def packed_bytes(self) -> int:
-        """Bytes of the packed weight, held outside parameters and buffers (`module_bytes` adds them)."""
-        return self._packed.numel() * self._packed.element_size()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.weight  # before the bias, in Conv2d's order
-        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(
         self,
@@ -121,16 +137,6 @@ class PrepackedConv2d(PackedConv):
             error_msgs.append(f"{prefix}weight: expected shape {expected}, got {tuple(weight.shape)}")
         else:
             self._packed = self._pack(weight)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # oneDNN's packed tensors have no storage to copy or pickle: copies carry the plain weight, repacked
-        state = dict(self.__dict__)
-        state["_packed"] = self.weight
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._packed = self._pack(state["_packed"])
 
     def extra_repr(self) -> str:
         return (

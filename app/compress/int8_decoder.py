@@ -102,15 +102,6 @@ class Int8Conv2d(PackedConv):
             self.stride, self.padding, self.dilation, self.groups, self.input_shape,
         )  # fmt: skip
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The int8 weight in its plain layout, unpacked: a copy, never on the hot path."""
-        return self._packed.to_dense()
-
-    @property
-    def packed_bytes(self) -> int:
-        return self._packed.numel() * self._packed.element_size()
-
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as this convolution's uint8 input."""
         return quantize(x, 1 / self.input_scale, self.input_zero_point)
@@ -124,20 +115,6 @@ class Int8Conv2d(PackedConv):
             qx, self._x_qparams[0], self._x_qparams[1], self._packed, self.weight_scale, self._w_zero_points,
             self.bias, self.stride, self.padding, self.dilation, self.groups, 1.0, 0, self.out_dtype, "none", [], "",
         )  # fmt: skip
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.weight  # before the bias, in Conv2d's order
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # oneDNN's packed tensors have no storage to copy or pickle: copies carry the int8 weight, repacked
-        state = dict(self.__dict__)
-        state["_packed"] = self.weight
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._packed = self._pack(state["_packed"])
 
     def extra_repr(self) -> str:
         return (

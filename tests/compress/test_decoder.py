@@ -25,25 +25,15 @@ from app.compress.decoder import (
     prepack_decoder,
     store_convs_in_bf16,
 )
-from app.model.checkpoint import load_folder
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
+from tests.compress.conftest import DECODED_LABELS as LABELS
+from tests.compress.conftest import DECODED_SEEDS as SEEDS
 from tests.conftest import DEMO
 
 # bf16 against float32 on the demo model's generated images, pixels in [0, 1]: measured max 0.009, mean 0.0008
 MAX_PIXEL_DIFF = 0.02
 MEAN_PIXEL_DIFF = 0.002
-LABELS, SEEDS = [1, 4, 7], [10, 11, 12]
-
-
-@pytest.fixture(scope="module")
-def demo() -> VARPipeline:
-    return load_folder(DEMO)
-
-
-@pytest.fixture(scope="module")
-def f_hat(demo: VARPipeline) -> torch.Tensor:
-    return demo.generate(LABELS, seeds=SEEDS).f_hat
 
 
 def bf16_pipeline(demo: VARPipeline, monkeypatch: pytest.MonkeyPatch, isa: str) -> VARPipeline:

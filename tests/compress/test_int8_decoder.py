@@ -25,11 +25,11 @@ from app.compress.int8_decoder import (
     int8_targets,
     int8_vqvae,
 )
-from app.model.checkpoint import load_folder
 from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
 from app.model.vqvae import VQVAE
-from tests.conftest import DEMO
+from tests.compress.conftest import DECODED_LABELS as LABELS
+from tests.compress.conftest import DECODED_SEEDS as SEEDS
 
 pytestmark = pytest.mark.compile
 
@@ -37,17 +37,6 @@ pytestmark = pytest.mark.compile
 # (bf16_vqvae alone: 0.006, 0.0007)
 MAX_PIXEL_DIFF = 0.04
 MEAN_PIXEL_DIFF = 0.004
-LABELS, SEEDS = [1, 4, 7], [10, 11, 12]
-
-
-@pytest.fixture(scope="module")
-def demo() -> VARPipeline:
-    return load_folder(DEMO)
-
-
-@pytest.fixture(scope="module")
-def f_hat(demo: VARPipeline) -> torch.Tensor:
-    return demo.generate(LABELS, seeds=SEEDS).f_hat
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,12 @@ from app.compress.quantize import (
     quantize_weight,
 )
 from app.model.blocks import QKVLinear
-from app.model.checkpoint import load_folder, random_pipeline
+from app.model.checkpoint import random_pipeline
 from app.model.config import PRESETS, PipelineConfig, VARConfig, VQVAEConfig
 from app.model.memory import module_bytes
 from app.model.pipeline import VARPipeline
 from app.model.sampling import SamplingParams
 from tests.compress.test_compiled import assert_same_generation
-from tests.conftest import DEMO
 from tests.spread_weights import small_pipeline
 
 KERNELS: list[Int8Kernel] = ["fbgemm", "int_mm"]  # either runs on any x86 CPU, whatever the hardware table picks
@@ -64,11 +63,6 @@ def linear(n_in: int, n_out: int, seed: int = 0) -> nn.Linear:
     lin = nn.Linear(n_in, n_out)
     nn.init.normal_(lin.bias, std=0.1)
     return lin
-
-
-@pytest.fixture(scope="module")
-def demo() -> VARPipeline:
-    return load_folder(DEMO)
 
 
 @pytest.fixture(scope="module")
