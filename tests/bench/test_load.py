@@ -16,6 +16,7 @@ import pytest
 from app.bench.__main__ import main as bench_main
 from app.bench.load.client import Outcome, problems
 from app.bench.load.plan import Segment, arrival_times, phase_of, ramp_profile, steady_profile
+from app.bench.load.report import failures, overload_goodput
 from app.bench.load.server import rss_growth
 from tests.conftest import DEMO
 
@@ -77,6 +78,28 @@ def test_rss_growth_compares_the_medians_of_two_windows() -> None:
     assert rss_growth(samples[:50], 60, 60, 180)["growth"] is None
 
 
+def phase(name: str, start_s: float, end_s: float, levels: tuple[float, float], images_per_s: float) -> dict:
+    return {"name": name, "start_s": start_s, "end_s": end_s, "start_level": levels[0], "end_level": levels[1],
+            "images_per_second": images_per_s}  # fmt: skip
+
+
+def test_overload_goodput_counts_only_phases_overloaded_throughout() -> None:
+    ramp = [phase("warm", 0, 15, (0, 1), 5.0), phase("ramp-up", 15, 35, (1, 4), 9.0)]
+    ramp += [phase("overload", 35, 65, (4, 4), 9.5), phase("ramp-down", 65, 85, (4, 1), 8.0)]
+    assert overload_goodput(ramp, capacity=10) == pytest.approx(0.95)
+    held = [phase("a", 0, 10, (2, 2), 10.0), phase("b", 10, 40, (3, 3), 6.0)]
+    assert overload_goodput(held, capacity=10) == pytest.approx((10 * 10 + 30 * 6) / 40 / 10)  # weighted by time
+    assert overload_goodput([phase("steady", 0, 60, (1, 1), 10.0)], capacity=10) is None
+
+
+def test_a_goodput_below_the_minimum_is_a_failure() -> None:
+    counts = dict.fromkeys(("unanswered", "late", "unexpected_5xx", "wrong_answers"), 0)
+    report = {"totals": counts, "rss": {"growth": {"growth": None}}, "overload_goodput_ratio": 0.9}
+    assert failures(report, None, True) == [] and failures(report, None, True, min_goodput=0.9) == []
+    assert failures(report, None, True, min_goodput=0.95) == ["overload goodput 0.90x (at least 0.95)"]
+    assert failures(report | {"overload_goodput_ratio": None}, None, True, min_goodput=0.95)
+
+
 @pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://localhost:8000", "https://127.0.0.1:8000"])
 def test_only_the_loopback_address_is_loaded(url: str) -> None:
     with pytest.raises(SystemExit, match="loopback"):
@@ -113,5 +136,8 @@ def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureF
     rss = report["rss"]
     assert rss["source"].startswith("/proc/") and len(rss["samples"]) >= 20 and rss["peak_bytes"] > 100 * 2**20
     assert report["capacity_images_per_second"] > 0 and "python -m app.bench load" in report["command"]
+    assert report["overload_goodput_ratio"] == pytest.approx(
+        overload["images_per_second"] / report["capacity_images_per_second"]
+    )
     assert "unexpected 5xx 0" in capsys.readouterr().out
     assert elapsed < 60, f"the short run took {elapsed:.0f} s"

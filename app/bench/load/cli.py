@@ -22,7 +22,7 @@ import httpx
 from app.bench.launcher import launched, wait_ready
 from app.bench.load.client import ConnectionPerRequest, run_schedule
 from app.bench.load.plan import LOOPBACK, Mix, ServerLimits, arrival_times, plan_requests, ramp_profile, steady_profile
-from app.bench.load.report import failures, print_report, summarize
+from app.bench.load.report import failures, overload_goodput, print_report, summarize
 from app.bench.load.server import RssSampler, measure_capacity, rss_growth, server_info
 
 
@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup-s", type=float, default=60.0, help="RSS check: the first seconds left out")
     ap.add_argument("--rss-window-s", type=float, default=60.0, help="RSS check: medians over windows this long")
     ap.add_argument("--max-rss-growth", type=float, help="fail above this growth (0.05: 5%%); not checked if unset")
+    ap.add_argument("--min-goodput", type=float, help="fail below this overload goodput (0.95); not checked if unset")
     ap.add_argument("--ready-limit-s", type=float, default=300.0, help="for the server to become ready")
     ap.add_argument("--json", type=Path, default=Path("runs/loadtest.json"))
     a = ap.parse_args(argv)
@@ -140,6 +141,7 @@ async def load(a: argparse.Namespace, url: str, pid: int | None) -> dict[str, An
     end_s = sum(s.seconds for s in profile)
     return report | {
         "capacity_images_per_second": capacity,
+        "overload_goodput_ratio": overload_goodput(report["phases"], capacity),
         "capacity_source": source,
         "profile_name": a.profile,
         "profile": [asdict(s) for s in profile],
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_before | {"load_average_after": os.getloadavg()},
         "settings": {k: v for k, v in vars(a).items() if k in SETTINGS_SAVED},
     } | report
-    report["failures"] = failures(report, a.max_rss_growth, alive)
+    report["failures"] = failures(report, a.max_rss_growth, alive, a.min_goodput)
     print_report(report)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(report, indent=1, default=str))
@@ -180,5 +182,5 @@ def main(argv: list[str] | None = None) -> int:
 SETTINGS_SAVED = {
     "profile", "duration", "peak", "level", "arrivals", "seed", "shares", "timeout_s", "short_timeout_s",
     "cancel_range", "allowance_s", "grace_s", "variant_list", "torch_threads", "set", "max_rss_growth",
-    "warmup_s", "rss_window_s",
+    "warmup_s", "rss_window_s", "min_goodput",
 }  # fmt: skip

@@ -91,6 +91,16 @@ def summarize(
     return {"totals": totals, "variants": per_variant, "phases": phases, "errors": dict(errors.most_common(10))}
 
 
+def overload_goodput(phases: Sequence[dict[str, Any]], capacity: float) -> float | None:
+    """Images per second answered 200 while offered more than the capacity throughout (the ramp's held peak, a
+    steady level above 1), over the capacity; None when no phase is overloaded throughout."""
+    over = [p for p in phases if min(p["start_level"], p["end_level"]) > 1 and p["end_s"] > p["start_s"]]
+    if not over or capacity <= 0:
+        return None
+    seconds = sum(p["end_s"] - p["start_s"] for p in over)
+    return sum(p["images_per_second"] * (p["end_s"] - p["start_s"]) for p in over) / seconds / capacity
+
+
 def mib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:.0f} MiB"
 
@@ -140,13 +150,20 @@ def print_report(report: dict[str, Any]) -> None:
         f"CPU during the run: this tool {t['client_cpu_s']:.0f} s, the server {server_cpu}, "
         f"over {t['duration_s']:.0f} s of wall time"
     )
+    if (goodput := report["overload_goodput_ratio"]) is not None:
+        print(f"overload goodput: {goodput:.2f}x the capacity (images answered 200 per second while overloaded)")
     for failure in report["failures"]:
         print(f"FAILED: {failure}")
 
 
-def failures(report: dict[str, Any], max_rss_growth: float | None, server_alive: bool) -> list[str]:
+def failures(
+    report: dict[str, Any], max_rss_growth: float | None, server_alive: bool, min_goodput: float | None = None
+) -> list[str]:
     t = report["totals"]
     found = [f"{k}: {t[k]}" for k in ("unanswered", "late", "unexpected_5xx", "wrong_answers") if t[k]]
+    goodput = report["overload_goodput_ratio"]
+    if min_goodput is not None and (goodput is None or goodput < min_goodput):
+        found.append(f"overload goodput {goodput if goodput is None else f'{goodput:.2f}'}x (at least {min_goodput:g})")
     growth = report["rss"]["growth"]["growth"]
     if max_rss_growth is not None and (growth is None or growth > max_rss_growth):
         found.append(f"RSS growth {growth if growth is None else f'{100 * growth:+.1f}%'} (limit {max_rss_growth:.0%})")

@@ -53,7 +53,9 @@ class Backend(Protocol):
         ...
 
 
-def get_service(request: Request) -> Backend:
+async def get_service(request: Request) -> Backend:
+    """Async on purpose: FastAPI runs a plain function dependency in its thread pool, a thread hop per request
+    that cost a refusal more than half its time (docs/benchmarks.md, "What a refusal costs")."""
     service: Backend = request.app.state.service
     return service
 
