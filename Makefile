@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests need: Fashion-MNIST (the demo model's data and quality reference) and headless
 # Chromium with its driver (the playground page test), docker-compose and Prometheus's promtool (the deployment
-# file checks: `docker-compose config`, `promtool check config`). The server needs none of them.
-DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus
+# file checks: `docker-compose config`, `promtool check config`) and hey (the serving benchmark's independent load
+# tool). The server needs none of them.
+DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus hey
 
 .PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
 	mixer-classifier evaluate test-fast loadtest soak gpu-check

@@ -165,7 +165,7 @@ def served(a: argparse.Namespace, url: str, variant: str, params: SamplingParams
     for _ in range(ROUNDS):
         latency.ours.append(served_latency(url, variant, params, a.requests))
         if use_hey:
-            latency.hey.append(_hey_median(hey.run(f"{url}/generate", body, a.requests, 1)))
+            latency.hey.append(hey.run(f"{url}/generate", body, a.requests, 1).median_s)
     s0, c0 = mean_batch_size(url, variant)
     for _ in range(ROUNDS):
         throughput.ours.append(asyncio.run(_load(url, variant, params, a.concurrency, a.load_requests)))
@@ -173,12 +173,6 @@ def served(a: argparse.Namespace, url: str, variant: str, params: SamplingParams
             throughput.hey.append(hey.run(f"{url}/generate", body, a.load_requests, a.concurrency).requests_per_s)
     s1, c1 = mean_batch_size(url, variant)
     return latency, throughput, (s1 - s0) / max(c1 - c0, 1)
-
-
-def _hey_median(run: hey.HeyRun) -> float:
-    if run.median_s is None:
-        raise RuntimeError("hey printed no latency distribution")
-    return run.median_s
 
 
 def bench_variant(

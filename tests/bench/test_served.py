@@ -11,29 +11,19 @@ import pytest
 from app.bench import hey
 from app.bench.served import Served, thread_counts
 
-HEY_SUMMARY = """
-Summary:
-  Total:\t2.1133 secs
-  Slowest:\t0.0907 secs
-  Fastest:\t0.0561 secs
-  Average:\t0.0704 secs
-  Requests/sec:\t14.1955
-
-Latency distribution:
-  10% in 0.0612 secs
-  50% in 0.0704 secs
-  99% in 0.0907 secs
-
-Status code distribution:
-  [200]\t28 responses
-  [429]\t2 responses
+HEY_CSV = """response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
+0.1149,0.0004,0.0000,0.0001,0.1142,0.0002,200,0.0001
+0.1150,0.0002,0.0000,0.0000,0.1146,0.0000,200,0.0005
+0.1248,0.0000,0.0000,0.0000,0.1247,0.0001,429,0.1155
+0.1070,0.0000,0.0000,0.0000,0.1068,0.0001,200,0.2403
 """
 
 
-def test_hey_summary_is_read() -> None:
-    run = hey.parse(HEY_SUMMARY)
-    assert (run.requests_per_s, run.median_s, run.statuses) == (14.1955, 0.0704, {200: 28, 429: 2})
-    with pytest.raises(ValueError, match="Requests/sec"):
+def test_hey_rows_are_read() -> None:
+    run = hey.parse(HEY_CSV)
+    assert run.median_s == pytest.approx((0.1149 + 0.1150) / 2) and run.statuses == {200: 3, 429: 1}
+    assert run.requests_per_s == pytest.approx(4 / (0.2403 + 0.1070))  # first start to last answer
+    with pytest.raises(ValueError, match="per-request rows"):
         hey.parse("Error: connection refused")
 
 

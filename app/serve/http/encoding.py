@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image
-
-from app.model.images import to_uint8_HWC
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JSON = "application/json"
@@ -23,13 +22,22 @@ _SAVE_OPTIONS: dict[str, dict[str, object]] = {"png": {}, "jpeg": {"quality": 95
 
 
 def encode_images(images_BCHW: torch.Tensor, fmt: str) -> list[bytes]:
+    """Runs in a thread of the event loop's pool, beside the engine's worker: the pixels are converted with
+    numpy, never with torch, whose parallel ops would start a second team of OpenMP threads in this thread
+    to fight the worker's for the cores (`uint8_HWC`)."""
     out = []
-    for pixels in to_uint8_HWC(images_BCHW).numpy():
+    for pixels in uint8_HWC(images_BCHW):
         img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
         buf = io.BytesIO()
         img.save(buf, format=fmt.upper(), **_SAVE_OPTIONS[fmt])
         out.append(buf.getvalue())
     return out
+
+
+def uint8_HWC(images_BCHW: torch.Tensor) -> np.ndarray:
+    """`app.model.images.to_uint8_HWC` in numpy, single-threaded: the same float32 arithmetic, the same bytes."""
+    scaled = images_BCHW.detach().cpu().float().numpy() * np.float32(255) + np.float32(0.5)
+    return np.clip(scaled, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def negotiate(accept: str | None) -> str | None:
