@@ -5,6 +5,7 @@ runs it: the `st` command against a live server."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,9 +45,10 @@ def demo_limits(s: ServeSettings) -> Limits:
 # The document is made before the model is loaded (Schemathesis's fixture-based loader does not work with
 # pytest 9), from an app that is never started and the limits the loaded model will have; the test below checks
 # that the served one is the same.
-UNLOADED = create_app(small_settings(Path("not-loaded"))).openapi()
-DOCUMENT = with_limits(UNLOADED, demo_limits(small_settings(Path("not-loaded"))))
-schema = schemathesis.openapi.from_dict(DOCUMENT)
+NOT_LOADED = small_settings(Path("not-loaded"))
+UNLOADED = create_app(NOT_LOADED).openapi()
+DOCUMENT = with_limits(UNLOADED, demo_limits(NOT_LOADED))
+schema = schemathesis.openapi.from_dict(copy.deepcopy(DOCUMENT))  # a copy: Schemathesis may rewrite it
 
 
 @pytest.fixture(scope="module")
