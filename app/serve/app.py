@@ -35,6 +35,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    # /openapi.json: with the model's limits once it is loaded, so that a request it allows is one the service takes
+    app.openapi = openapi.once_loaded(app.openapi, lambda: service.limits)  # type: ignore[method-assign]
     include_routes(app, service.settings)
     install_error_handlers(app, service.metrics)
     s = service.settings

@@ -126,7 +126,9 @@ def test_variants_side_by_side_same_seed(client: TestClient) -> None:
         ("top_p", 1.5, "less than or equal to 1"),
         ("cfg", -0.5, "greater than or equal to 0"),
         ("timeout_s", 601, "at most 600"),
-        ("timeout_s", 0, "greater than 0"),
+        ("timeout_s", 0, "greater than or equal to 1"),
+        ("timeout_s", 0.999, "greater than or equal to 1"),
+        ("class_label", 1.5, "valid integer"),
         ("seed", SEED_MAX + 1, f"less than or equal to {SEED_MAX}"),
         ("seed", -1, "greater than or equal to 0"),
         ("format", "gif", "'png', 'jpeg' or 'webp'"),
@@ -183,6 +185,14 @@ def test_a_non_finite_number_in_any_other_field_is_422_too(client: TestClient, f
     body = f'{{"class_label": 1, "{field}": NaN}}'
     r = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and [e for e in strict_json(r.text)["detail"] if e["loc"] == ["body", field]]
+
+
+def test_a_whole_number_written_with_a_fraction_is_the_integer_it_is(client: TestClient) -> None:
+    """JSON Schema counts 3.0 as an integer, as the published document's generators do."""
+    r = client.post("/generate", json={"class_label": 3.0, "num_images": 2.0, "seed": 5.0, "top_k": 0.0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["class_label"] == 3 and [i["seed"] for i in body["images"]] == [5, 6]
 
 
 def test_seed_range_accounts_for_every_image(client: TestClient) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, suppress
@@ -21,9 +22,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+import app.serve.http.routes as routes
 from app.bench.prometheus_text import NO_LABELS, scrape
 from app.serve.http.json_body import MAX_DEPTH
 from app.serve.http.middleware import BodyLimits
+from app.serve.http.schemas import TIMEOUT_MIN_S
 from app.serve.metrics import Rejection, ServeMetrics
 from tests.serve.conftest import LiveServer, live_server_process, serve_settings, serving
 
@@ -105,8 +108,31 @@ def test_a_body_of_another_content_type_is_422(client: TestClient, content_type:
 def test_extreme_but_valid_numbers_are_served(client: TestClient) -> None:
     subnormal = post_raw(client, b'{"class_label": 1, "cfg": 5e-324, "top_p": 1e-300, "seed": 0}')
     assert subnormal.status_code == 200, subnormal.text
+
+
+def test_a_deadline_below_the_least_is_422_and_one_at_it_that_passes_is_504(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadline no generation could meet is the client's mistake; one that could be met, but passes while
+    the image is encoded (held here), is the deadline doing its work."""
     instant = post_raw(client, b'{"class_label": 1, "timeout_s": 5e-324}')
-    assert instant.status_code == 504, instant.text
+    assert instant.status_code == 422, instant.text
+    [error] = instant.json()["detail"]
+    assert error["loc"] == ["body", "timeout_s"] and f"greater than or equal to {TIMEOUT_MIN_S:g}" in error["msg"]
+    release, real = threading.Event(), routes.encode_images
+
+    def held(*args: Any) -> Any:
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(routes, "encode_images", held)
+    try:
+        t0 = time.monotonic()
+        late = post_raw(client, b'{"class_label": 1, "timeout_s": %g}' % TIMEOUT_MIN_S)
+        elapsed = time.monotonic() - t0
+    finally:
+        release.set()
+    assert late.status_code == 504 and TIMEOUT_MIN_S - 0.01 < elapsed < TIMEOUT_MIN_S + MARGIN_S, (late.text, elapsed)
 
 
 def test_a_long_accept_header_is_406_with_a_short_message(client: TestClient) -> None:

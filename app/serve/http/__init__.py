@@ -6,9 +6,9 @@ schemas.py      request and response bodies with their static limits
 limits.py       the checks of a request against the loaded model and the settings (422 naming field and limit)
 errors.py       one table from error to status, headers and Retry-After; one handler
 encoding.py     PNG/JPEG/WebP, Accept negotiation
-openapi.py      what each route answers besides its 200 JSON
+openapi.py      what each route answers besides its 200 JSON; the loaded model's limits in the request schema
 auth.py         optional API keys
-middleware.py   the body's size and time limits (413, 408), per-request metrics
+middleware.py   the body's size and time limits (413, the rest of the body discarded; 408), per-request metrics
 json_body.py    strict JSON parsing of request bodies
 connections.py  uvicorn's h11 protocol with a deadline for the request line and headers
 static/         the playground page (GET /)

@@ -6,17 +6,37 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import suppress
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serve.metrics import Rejection, ServeMetrics
 
+# The most of a refused body that is read (and dropped) after its 413, so that its client can read the answer:
+# enough for bodies of many megabytes (a file posted by mistake), at about 0.15 s of the event loop on loopback.
+# A deadline alone would let one request keep the loop, which serves every connection, reading for body_timeout_s.
+DISCARD_MAX_BYTES = 64 * 2**20
+
 
 class BodyLimits:
     """Refuse bodies over max_bytes with 413, whether announced by Content-Length or sent chunked, and bodies
     not received within timeout_s of the headers with 408 (a client that sends a byte a second). Both answers
-    close the connection, so that the rest of such a body is never read.
+    close the connection.
+
+    A 413 goes out as soon as the body is known to be too large (at once for a Content-Length over the limit),
+    and then the rest of the body is read and dropped before the connection closes. Closing while the client
+    still sends would leave unread bytes in the server's socket, and the kernel answers those with a reset,
+    which can reach the client before it reads the 413: a client that writes its whole body before reading
+    (httpx's AsyncClient) would see a connection error for any body larger than the socket buffers. So the
+    answer's bytes are all sent at once (its Content-Length tells the client it is complete: curl, which reads
+    while it sends, stops there) while the ASGI response stays open: uvicorn hands on `http.request` messages
+    only until a response is complete. Its end is sent, and the connection closed, when the body has ended,
+    the client has left, DISCARD_MAX_BYTES have been read or the body's deadline (timeout_s after the headers)
+    has passed; past those bounds the connection is cut as before. A body declared longer than the bound is
+    not read at all. Done here rather than as a lingering close in the HTTP protocol (`connections.py`), it
+    needs nothing of uvicorn's internals, has a byte bound, and runs wherever the app does (under Ray Serve
+    too). The 408 discards nothing: its client is the one too slow to wait for.
 
     The body is read here (it is small by construction) and handed on in one message."""
 
@@ -27,13 +47,15 @@ class BodyLimits:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send, 413, Rejection.BODY_TOO_LARGE, self._too_large)
+            discard = length.isdigit() and int(length) <= DISCARD_MAX_BYTES
+            await self._too_large(send, receive if discard else None, deadline)
             return
         try:
-            async with asyncio.timeout(self.timeout_s):
-                body = await self._read(receive)
+            async with asyncio.timeout_at(deadline):
+                body, more = await self._read(receive)
         except TimeoutError:
             detail = f"request body not received within {self.timeout_s:g} s (body_timeout_s)"
             await self._refuse(send, 408, Rejection.BODY_TIMEOUT, detail)
@@ -41,7 +63,7 @@ class BodyLimits:
         if body is None:  # the client left
             return
         if len(body) > self.max_bytes:
-            await self._refuse(send, 413, Rejection.BODY_TOO_LARGE, self._too_large)
+            await self._too_large(send, receive if more else None, deadline)
             return
         replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -50,26 +72,33 @@ class BodyLimits:
 
         await self.app(scope, receive_replayed, send)
 
-    async def _read(self, receive: Receive) -> bytes | None:
-        """The whole body, None if the client disconnected, or as soon as it passes max_bytes what it has."""
+    async def _read(self, receive: Receive) -> tuple[bytes | None, bool]:
+        """(the whole body, None if the client disconnected, or as soon as it passes max_bytes what it has;
+        whether more of it is to come)."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None
+                return None, False
             chunk = message.get("body", b"")
             chunks.append(chunk)
             size += len(chunk)
             more = message.get("more_body", False)
             if size > self.max_bytes:
                 break
-        return b"".join(chunks)
+        return b"".join(chunks), more
 
-    @property
-    def _too_large(self) -> str:
-        return f"request body larger than {self.max_bytes} bytes (max_body_bytes), or an invalid Content-Length"
+    async def _too_large(self, send: Send, rest: Receive | None, deadline: float) -> None:
+        """413; then, with `rest`, the rest of the body discarded before the answer ends and the connection
+        closes."""
+        detail = f"request body larger than {self.max_bytes} bytes (max_body_bytes), or an invalid Content-Length"
+        await self._refuse(send, 413, Rejection.BODY_TOO_LARGE, detail, end=rest is None)
+        if rest is not None:
+            await discard(rest, deadline)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _refuse(self, send: Send, status: int, reason: Rejection, detail: str) -> None:
+    async def _refuse(self, send: Send, status: int, reason: Rejection, detail: str, end: bool = True) -> None:
+        """The answer's bytes, all of them; `end`: and the end of the response (else the caller ends it)."""
         self.metrics.rejections.labels(reason).inc()
         payload = json.dumps({"detail": detail}).encode()
         headers = [
@@ -78,7 +107,20 @@ class BodyLimits:
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": payload, "more_body": not end})
+
+
+async def discard(receive: Receive, deadline: float) -> None:
+    """Read and drop the body's messages until it ends, the client leaves, DISCARD_MAX_BYTES have been read or
+    the loop's clock passes `deadline`."""
+    size = 0
+    with suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            while size <= DISCARD_MAX_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                size += len(message.get("body", b""))
 
 
 class GenerateMetrics:

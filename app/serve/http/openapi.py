@@ -1,12 +1,23 @@
-"""What the OpenAPI document says each route answers besides its 200 JSON: the raw images, the error bodies and
-their headers. Schemathesis holds every answer to it (tests/serve/test_openapi.py)."""
+"""What the OpenAPI document says each route answers besides its 200 JSON (the raw images, the error bodies and
+their headers), and, once the model is loaded, the limits of a request that depend on it and on the settings.
+Schemathesis holds every answer to it (tests/serve/test_openapi.py, test_schemathesis_cli.py)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from app.serve.http.encoding import MEDIA_TYPES
-from app.serve.http.schemas import ErrorBody, FailureBody, HealthBody, ValidationErrorBody
+from app.serve.http.limits import Limits
+from app.serve.http.schemas import (
+    CLASS_BRANCHES,
+    SEED_MAX,
+    ErrorBody,
+    FailureBody,
+    HealthBody,
+    ValidationErrorBody,
+)
 
 Responses = dict[int | str, dict[str, Any]]
 RETRY_AFTER = {
@@ -58,3 +69,53 @@ UNAUTHORIZED: Responses = {
         headers={"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     )
 }
+
+
+def with_limits(document: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The document with the limits of POST /generate that depend on the loaded model and the settings, which
+    `limits.to_engine_request` checks: the class range and names, the images per request, the vocabulary, the
+    loaded variants, max_timeout_s, and seed + num_images - 1 <= SEED_MAX (an `if` per number of images). A
+    request that the document allows is then refused only by the queue (429) or its own deadline (504)."""
+    document = copy.deepcopy(document)  # FastAPI caches its own
+    request = document["components"]["schemas"]["GenerateRequest"]
+    fields = request["properties"]
+    _value(fields["class_label"])["maximum"] = limits.num_classes - 1
+    if limits.class_names:
+        _value(fields["class_name"])["enum"] = list(limits.class_names)
+    else:  # a model without class names: class_label alone names the class
+        fields["class_name"] = {"type": "null", "description": fields["class_name"]["description"]}
+        request["allOf"] = [{"oneOf": [copy.deepcopy(CLASS_BRANCHES["class_label"])]}]
+    fields["num_images"]["maximum"] = limits.max_images_per_request
+    _value(fields["top_k"])["maximum"] = limits.vocab_size
+    _value(fields["variant"])["enum"] = list(limits.variants)
+    _value(fields["timeout_s"])["maximum"] = limits.max_timeout_s
+    request["allOf"] += [
+        {
+            "if": {"required": ["num_images"], "properties": {"num_images": {"const": n}}},
+            "then": {"properties": {"seed": {"maximum": SEED_MAX - n + 1}}},
+        }
+        for n in range(2, limits.max_images_per_request + 1)
+    ]
+    return document
+
+
+def _value(field: dict[str, Any]) -> dict[str, Any]:
+    """The schema of an optional field's value, to change in place."""
+    return next(s for s in field["anyOf"] if s.get("type") != "null")
+
+
+def once_loaded(document: Callable[[], dict[str, Any]], limits: Callable[[], Limits | None]) -> Callable[[], Any]:
+    """What to set as FastAPI's `app.openapi`: its `document` without the model's limits while the model loads,
+    `with_limits` once it is loaded (made once)."""
+    done: dict[str, Any] | None = None
+
+    def openapi() -> dict[str, Any]:
+        nonlocal done
+        if done is None:
+            loaded = limits()
+            if loaded is None:
+                return document()
+            done = with_limits(document(), loaded)
+        return done
+
+    return openapi

@@ -1,21 +1,44 @@
 """Request and response bodies. Static limits are pydantic Field constraints; the limits that depend on the
-loaded model or the settings (class range, vocabulary, images per request...) are checked in `limits`."""
+loaded model or the settings (class range, vocabulary, images per request...) are checked in `limits` and
+written into the OpenAPI document by `openapi.with_limits`."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.config import JsonDict
 
 SEED_MAX = 2**53 - 1  # the largest integer a JSON number carries exactly in every client (JavaScript included)
 CFG_MAX = 100.0
+# The shortest deadline a request may set (docs/serving.md#deadlines). timeout_s runs from admission to the
+# encoded answer, so it covers the batching wait and a batch already in flight as well as the generation, which
+# alone takes about 0.07 s for one image of the demo model (the smallest) on one CPU core and far longer for
+# real models: a shorter deadline could be met, if ever, only by an idle server, and is refused as the client's
+# mistake (422) rather than answered 504, a server error, nearly every time. A client that must give up sooner
+# closes the connection, which withdraws its images from the queue.
+TIMEOUT_MIN_S = 1.0
+# Exactly one of the two names the class (the check: `limits.class_label`): each branch requires its field, not
+# null, and the other null or absent. The oneOf sits in an allOf: Schemathesis (4.32) mixes the branches of a
+# oneOf that stands beside `properties`, and sent both fields as a valid request.
+CLASS_BRANCHES: dict[str, JsonDict] = {
+    "class_label": {
+        "required": ["class_label"],
+        "properties": {"class_label": {"type": "integer"}, "class_name": {"type": "null"}},
+    },
+    "class_name": {
+        "required": ["class_name"],
+        "properties": {"class_name": {"type": "string"}, "class_label": {"type": "null"}},
+    },
+}
+EXACTLY_ONE_CLASS: JsonDict = {"allOf": [{"oneOf": list(CLASS_BRANCHES.values())}]}
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerateRequest(BaseModel):
     # strict: "3" is not 3; forbid: an unknown field is an error, never silently dropped; allow_inf_nan: off, so
     # that NaN, Infinity and numbers beyond a double (1e400, which JSON parses as infinity) are 422 naming the field
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=EXACTLY_ONE_CLASS)
 
     class_label: int | None = Field(default=None, ge=0, description="class index; give this or class_name")
     class_name: str | None = Field(default=None, description="one of the model's class names (GET /models)")
@@ -32,7 +55,18 @@ class GenerateRequest(BaseModel):
     more_smooth: bool | None = Field(default=None, description="Gumbel-softmax code mixing (smoother, less detailed)")
     variant: str | None = Field(default=None, description="a loaded variant (GET /models); default if omitted")
     format: ImageFormat = Field(default="png", description="image encoding")
-    timeout_s: float | None = Field(default=None, gt=0, description="504 if not done by then; at most max_timeout_s")
+    timeout_s: float | None = Field(
+        default=None,
+        ge=TIMEOUT_MIN_S,
+        description="504 if not done by then (from admission to the encoded answer); at most max_timeout_s",
+    )
+
+    @field_validator("class_label", "num_images", "seed", "top_k", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        """A float without a fraction (3.0) as the integer it is: JSON has a single number type, and JSON Schema
+        counts 3.0 as an integer. 3.5, "3" and true are still refused."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class GeneratedImage(BaseModel):
