@@ -144,7 +144,7 @@ def _place(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def matches(folder: Path, files: list[RemoteFile]) -> list[str]:
+def differences(folder: Path, files: list[RemoteFile]) -> list[str]:
     """How `folder`'s copies of `files` differ from them: missing, or of another size or SHA-256."""
     problems = []
     for f in files:
@@ -166,7 +166,7 @@ def fetch_released(
     files = remote_files(hub, model)
     announce(files)
     if target.exists():
-        if problems := matches(target, files):
+        if problems := differences(target, files):
             raise WeightsError(
                 f"{target} exists and does not hold these files ({'; '.join(problems)}): move it away and run again"
             )
