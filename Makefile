@@ -10,8 +10,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # tool). The server needs none of them.
 DEBIAN_PACKAGES := dataset-fashion-mnist chromium chromium-driver docker-compose prometheus hey
 
-.PHONY: install debian-packages test lint typecheck pytest conformance bench serve clean demo-model demo-classifier \
-	mixer-classifier evaluate test-fast loadtest soak gpu-check
+.PHONY: install install-serve debian-packages test lint typecheck pytest conformance bench serve weights clean \
+	demo-model demo-classifier mixer-classifier evaluate test-fast loadtest soak gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# What serving needs and nothing else (no test tools, no Ray): torch first, from TORCH_INDEX, then the package; its
+# torch pin is then already met, so pip keeps that build (as the Dockerfile does). Without an NVIDIA GPU
+# (no nvidia-smi) TORCH_INDEX is PyTorch's CPU-only index, since the default one gives the CUDA build on Linux,
+# GBs of libraries a CPU never uses; with one it is empty: the default index, the CUDA build.
+# `make serve TORCH_INDEX=https://download.pytorch.org/whl/cu128` picks another.
+SERVE_STAMP := $(VENV)/.installed-serve
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps '$(TORCH_PIN)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+install-serve: $(SERVE_STAMP)
 
 # installs only the missing ones (a dpkg query when none is)
 debian-packages:
@@ -75,8 +92,13 @@ gpu-check: $(STAMP)
 	$(PY) -m app gpu-check --json runs/gpu-check.json
 
 # the demo model on 127.0.0.1:8000; VAR_* variables (docs/serving.md) configure the rest
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(PY) -m app.serve
+
+# Released weights from the Hugging Face Hub, verified, laid out as model_store/var_$(MODEL) (docs/released-weights.md)
+MODEL ?= d16
+weights: $(SERVE_STAMP)
+	$(PY) -m app weights $(MODEL) $(WEIGHTS_ARGS)
 
 # The first quality judge: a CNN on the Fashion-MNIST train split (a few minutes).
 demo-classifier: $(STAMP) debian-packages

@@ -1,4 +1,5 @@
-"""`python -m app <tool> ...`: generate, evaluate, conformance, sensitivity or gpu-check (`--help` after it)."""
+"""`python -m app <tool> ...`: weights, generate, evaluate, conformance, sensitivity or gpu-check (`--help` after
+it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib
 import sys
 
 TOOLS = {
+    "weights": "download released weights (d16..d36) from the Hugging Face Hub, verify them, lay out model_store/",
     "generate": "generate images of one class as a PNG grid and show where the time went",
     "evaluate": "image quality of variants on the same (class, seed) list",
     "conformance": "check the model against outputs of the official VAR code",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from app.model.checksums import SUMS_FILE, sums_mismatches
-from app.model.config import PipelineConfig, config_from_official, get_preset
+from app.model.config import PipelineConfig, config_from_official, get_preset, with_imagenet_names
 from app.model.pipeline import VARPipeline
 from app.model.var import VAR, init_weights
 from app.model.vqvae import VQVAE
@@ -155,14 +155,15 @@ def _find(folder: Path, patterns: list[str]) -> Path:
 
 
 def folder_config(folder: str | Path) -> PipelineConfig:
-    """The configuration of a checkpoint folder: config.json (ours or official), else the released name."""
+    """The configuration of a checkpoint folder: config.json (ours or official), else the released name.
+    Released and official checkpoints are ImageNet models: with 1000 classes they get ImageNet's class names."""
     folder = Path(folder)
     cfg_file = folder / "config.json"
     if cfg_file.is_file():
         raw = json.loads(cfg_file.read_text())
         if "var" in raw and "vqvae" in raw:
             return PipelineConfig.from_dict(raw)
-        return config_from_official(raw, name=folder.name)
+        return with_imagenet_names(config_from_official(raw, name=folder.name))
     var_file = _find(folder, ["var_d*.pth", "var_d*.safetensors"])
     m = re.match(r"var_d(\d+)\.", var_file.name)
     assert m is not None

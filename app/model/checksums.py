@@ -14,10 +14,15 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def sums_text(digests: dict[str, str]) -> str:
+    """The SHA256SUMS lines of {file name: hex digest}, sorted by name."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
+
+
 def write_sums(folder: Path) -> None:
     """SHA256SUMS over every other file in the folder."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
-    (folder / SUMS_FILE).write_text("".join(f"{sha256(p)}  {p.name}\n" for p in files))
+    files = [p for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE]
+    (folder / SUMS_FILE).write_text(sums_text({p.name: sha256(p) for p in files}))
 
 
 def sums_mismatches(folder: Path) -> list[str]:

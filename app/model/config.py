@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.model.imagenet import NUM_IMAGENET_CLASSES, imagenet_names, imagenet_synonyms
 from app.model.sampling import SamplingParams
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -80,6 +81,7 @@ class PipelineConfig:
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     class_names: tuple[str, ...] = ()  # optional, one per class; the API accepts them in place of numbers
     sampling: SamplingParams | None = None  # for requests that name no setting; None: `default_sampling`
+    class_synonyms: tuple[tuple[str, ...], ...] = ()  # optional, one tuple per class: other names it answers to
 
     def __post_init__(self) -> None:
         if self.var.patch_nums != self.vqvae.patch_nums:
@@ -88,6 +90,8 @@ class PipelineConfig:
             raise ValueError("VAR and VQVAE disagree on vocab_size or z_channels")
         if self.class_names and len(self.class_names) != self.var.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.var.num_classes} classes")
+        if self.class_synonyms and len(self.class_synonyms) != len(self.class_names):
+            raise ValueError(f"{len(self.class_synonyms)} synonym lists for {len(self.class_names)} class names")
         self.default_sampling.validate(self.var.vocab_size)
 
     @property
@@ -104,18 +108,28 @@ class PipelineConfig:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
 
         names = tuple(d.get("class_names", ()))
+        synonyms = tuple(tuple(s) for s in d.get("class_synonyms", ()))
         sampling = SamplingParams(**d["sampling"]) if d.get("sampling") else None
         return PipelineConfig(
-            d["name"], VARConfig(**tuples(d["var"])), VQVAEConfig(**tuples(d["vqvae"])), names, sampling
+            d["name"], VARConfig(**tuples(d["var"])), VQVAEConfig(**tuples(d["vqvae"])), names, sampling, synonyms
         )
 
 
+def with_imagenet_names(config: PipelineConfig) -> PipelineConfig:
+    """The ImageNet class names and synonyms for a 1000-class model that has no names of its own: the
+    released models and the official code's checkpoints are ImageNet models."""
+    if config.class_names or config.var.num_classes != NUM_IMAGENET_CLASSES:
+        return config
+    return dataclasses.replace(config, class_names=imagenet_names(), class_synonyms=imagenet_synonyms())
+
+
 def _released(depth: int, patch_nums: tuple[int, ...] = PATCH_NUMS_256, shared_aln: bool = False) -> PipelineConfig:
-    return PipelineConfig(
+    config = PipelineConfig(
         name=f"d{depth}",
         var=VARConfig(depth=depth, shared_aln=shared_aln, patch_nums=patch_nums),
         vqvae=VQVAEConfig(patch_nums=patch_nums),
     )
+    return with_imagenet_names(config)
 
 
 DEMO_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)

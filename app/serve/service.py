@@ -118,6 +118,7 @@ class Service:
             max_images_per_request=s.max_images_per_request,
             default_timeout_s=s.default_timeout_s,
             max_timeout_s=s.max_timeout_s,
+            class_synonyms=cfg.class_synonyms,
         )
         m.model_info.info({"model": model.name, "preset": cfg.name, "device": str(model.device), **versions()})
         for name, v in model.variants.items():
@@ -157,6 +158,7 @@ class Service:
         assert self.model is not None and self.limits is not None
         m, s, lim = self.model, self.settings, self.limits
         names = lim.class_names or (None,) * lim.num_classes
+        synonyms = lim.class_synonyms or ((),) * lim.num_classes
         limits = {
             "max_images_per_request": s.max_images_per_request,
             "max_batch_size": s.max_batch_size,
@@ -173,7 +175,7 @@ class Service:
             "model": {"name": m.name, "preset": m.config.name, "image_size": m.image_size},
             "device": str(m.device),
             "torch_threads": torch.get_num_threads(),
-            "classes": [{"label": i, "name": name} for i, name in enumerate(names)],
+            "classes": [{"label": i, "name": name, "synonyms": list(synonyms[i])} for i, name in enumerate(names)],
             "default_variant": lim.default_variant,
             "variants": [_variant(v) for v in m.variants.values()],
             "shared_weight_bytes": m.shared_bytes,

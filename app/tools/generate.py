@@ -14,6 +14,7 @@ from app.compress import VARIANTS, apply_variant, variant_spec
 from app.compress.plans import plans_for
 from app.model.checkpoint import open_pipeline
 from app.model.config import PRESETS
+from app.model.images import nonfinite_images
 from app.model.timing import Stage, StageTimer
 from app.tools.images import save_grid
 
@@ -24,6 +25,11 @@ def add_model_args(ap: argparse.ArgumentParser, default_preset: str | None = Non
     ap.add_argument("--random-init", action="store_true", help="random weights: shape-only runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+
+
+class NonFiniteOutput(RuntimeError):
+    """Generated pixels that are NaN or infinite: the checkpoint's weights (or a variant's passes) are broken,
+    and a PNG of them would show made-up pixels as if they were an image (the server answers 500 for them)."""
 
 
 def generate_command(a: argparse.Namespace) -> int:
@@ -42,6 +48,12 @@ def generate_command(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
     total_s = time.perf_counter() - t0
+    if bad := nonfinite_images(gen.images):
+        raise NonFiniteOutput(
+            f"generation produced non-finite output (NaN or infinite pixels) in {len(bad)} of {a.num_images} "
+            f"image(s) (seeds {', '.join(str(seeds[i]) for i in bad)}), variant {a.variant!r}; {a.out} not "
+            "written. Broken weights are the usual cause"
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(gen.images, min(a.num_images, 8), a.out)
     print(f"wrote {a.out} ({a.num_images} image(s), class {a.class_label}, seeds {seeds[0]}..{seeds[-1]})")
@@ -71,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteOutput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

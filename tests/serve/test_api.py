@@ -210,6 +210,11 @@ def test_unknown_variant_and_class_name_list_the_valid_ones(client: TestClient) 
     assert neither.status_code == 422 and "exactly one of class_label and class_name" in neither.text
 
 
+def test_class_names_match_case_insensitively(client: TestClient) -> None:
+    r = client.post("/generate", json={"class_name": " ankle  BOOT", "seed": 1})
+    assert r.status_code == 200 and (r.json()["class_label"], r.json()["class_name"]) == (9, "Ankle boot")
+
+
 def test_oversize_body_is_413_with_or_without_content_length(client: TestClient) -> None:
     big = b'{"class_label": 1, "variant": "' + b"x" * 20_000 + b'"}'
     r = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
@@ -226,7 +231,7 @@ def test_models_lists_variants_passes_memory_classes_and_limits(client: TestClie
     assert bf16["passes"][0]["name"] == "autocast_bf16" and bf16["passes"][0]["options"] == {}
     assert all(v["weight_bytes"] > 0 and v["shares_vqvae"] for v in m["variants"])
     assert m["shared_weight_bytes"] > 0
-    assert m["classes"][0] == {"label": 0, "name": "T-shirt/top"} and len(m["classes"]) == 10
+    assert m["classes"][0] == {"label": 0, "name": "T-shirt/top", "synonyms": []} and len(m["classes"]) == 10
     assert m["limits"]["max_images_per_request"] == 8 and m["limits"]["top_k_max"] == 512
     assert m["defaults"] == dataclasses.asdict(DEMO.default_sampling)
 

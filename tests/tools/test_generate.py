@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from app.__main__ import main
@@ -42,3 +44,25 @@ def test_python_m_app_names_its_tools_and_refuses_an_unknown_one(capsys: pytest.
     for tool in ("generate", "evaluate", "conformance", "sensitivity"):
         assert tool in err
     assert main(["--help"]) == 0
+
+
+@pytest.mark.parametrize(
+    "key, value", [("decoder.conv_out.bias", float("nan")), ("decoder.conv_in.bias", float("inf"))]
+)  # the infinite bias turns into NaN at the decoder's first normalisation
+def test_non_finite_output_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: float
+) -> None:
+    """A checkpoint whose decoder gives NaN pixels: the server answers 500 for such images, so the command
+    line must not save them as a PNG either."""
+    broken = tmp_path / "broken"
+    shutil.copytree(TINY, broken, ignore=shutil.ignore_patterns("reference.pt"))
+    vae = torch.load(broken / "vae.pth", weights_only=True)
+    vae[key][0] = value
+    torch.save(vae, broken / "vae.pth")
+    out = tmp_path / "img.png"
+    args = ["generate", "--checkpoint", str(broken), "--class", "207", "--num-images", "2", "--out", str(out)]
+    assert main(args) == 1
+    assert not out.exists()
+    captured = capsys.readouterr()
+    assert "non-finite output (NaN or infinite pixels) in 2 of 2 image(s) (seeds 0, 1)" in captured.err
+    assert f"{out} not written" in captured.err and "wrote" not in captured.out

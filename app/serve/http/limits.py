@@ -9,10 +9,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
+from app.model.classes import ClassNames
 from app.model.sampling import SamplingParams
 from app.serve.engine import GenerationRequest
 from app.serve.http.schemas import SEED_MAX, GenerateRequest
@@ -29,6 +31,17 @@ class Limits:
     max_images_per_request: int
     default_timeout_s: float
     max_timeout_s: float
+    class_synonyms: tuple[tuple[str, ...], ...] = ()  # none, or one tuple per class
+
+    @cached_property
+    def classes(self) -> ClassNames:
+        """The names indexed for lookup, built at the first request that gives one."""
+        return ClassNames(self.class_names, self.class_synonyms)
+
+
+# An unknown class name's 422 lists every name of a model with at most this many classes; with more (ImageNet's
+# 1000 and their synonyms) it lists the closest few and points to GET /models.
+LISTED_NAMES_MAX = 20
 
 
 def to_engine_request(body: GenerateRequest, limits: Limits) -> GenerationRequest:
@@ -73,16 +86,32 @@ def class_label(body: GenerateRequest, limits: Limits, fail: Callable[..., None]
     if (body.class_label is None) == (body.class_name is None):
         fail("class_label", "give exactly one of class_label and class_name", body.class_label, "missing")
     elif body.class_name is not None:
-        if body.class_name in limits.class_names:
-            return limits.class_names.index(body.class_name)
-        names = ", ".join(repr(c) for c in limits.class_names) or "none (this model has no class names)"
-        fail("class_name", f"unknown class name; valid names: {names}", body.class_name)
+        return label_of_name(body.class_name, limits, fail)
     elif body.class_label is not None and body.class_label >= limits.num_classes:
         fail(
             "class_label", f"must be less than {limits.num_classes} (number of classes)", body.class_label, "less_than"
         )
     else:
         return body.class_label
+    return None
+
+
+def label_of_name(name: str, limits: Limits, fail: Callable[..., None]) -> int | None:
+    """Case-insensitive, any synonym; a name of several classes is refused naming them all, never picked."""
+    labels = limits.classes.labels(name) if limits.class_names else ()
+    if len(labels) == 1:
+        return labels[0]
+    if labels:
+        candidates = "; ".join(limits.classes.describe(label) for label in labels)
+        fail("class_name", f"ambiguous class name, {len(labels)} classes have it: {candidates}; give class_label", name)
+    elif len(limits.class_names) <= LISTED_NAMES_MAX:
+        names = ", ".join(repr(c) for c in limits.class_names) or "none (this model has no class names)"
+        fail("class_name", f"unknown class name; valid names: {names}", name)
+    else:
+        closest = ", ".join(repr(c) for c in limits.classes.closest(name))
+        hint = f"closest: {closest}; " if closest else ""
+        count = len(limits.class_names)
+        fail("class_name", f"unknown class name; {hint}all {count} names and their synonyms: GET /models", name)
     return None
 
 

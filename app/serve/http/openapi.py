@@ -81,7 +81,8 @@ def with_limits(document: dict[str, Any], limits: Limits) -> dict[str, Any]:
     fields = request["properties"]
     _value(fields["class_label"])["maximum"] = limits.num_classes - 1
     if limits.class_names:
-        _value(fields["class_name"])["enum"] = list(limits.class_names)
+        # the spellings that name one class; case and spacing are free too, which JSON Schema cannot say
+        _value(fields["class_name"])["enum"] = list(limits.classes.unambiguous())
     else:  # a model without class names: class_label alone names the class
         fields["class_name"] = {"type": "null", "description": fields["class_name"]["description"]}
         request["allOf"] = [{"oneOf": [copy.deepcopy(CLASS_BRANCHES["class_label"])]}]
