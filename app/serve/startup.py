@@ -203,6 +203,7 @@ class Startup:
         compiling = "compiling and " if variant.spec.compiled(m.device.type) else ""
         progress = Progress(f"{variant.name}: {compiling}warming up at batch sizes {sizes}")
         status.move(VariantState.WARMING, f"{compiling}warming up (batch sizes {sizes})", progress)
+        log.info("%s", progress.task)
         with heartbeat(progress, log.info):
             outputs = await asyncio.to_thread(warm_up, variant.pipeline, sizes, m.defaults, progress)
         for out in outputs:  # the memory of the warmed batch sizes is known before the first request
