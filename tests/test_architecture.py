@@ -14,7 +14,14 @@ SERVE = APP / "serve"
 MODEL_ALLOWED = {"torch", "numpy", "safetensors", "app"}
 WEB = {"fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn", "prometheus_client", "httpx"}
 WEB_FRAMEWORK = {"fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn"}
-ROOT = ("app.serve.app", "app.serve.service", "app.serve.settings", "app.serve.models", "app.serve.__main__")
+ROOT = (
+    "app.serve.app",
+    "app.serve.service",
+    "app.serve.settings",
+    "app.serve.models",
+    "app.serve.startup",
+    "app.serve.__main__",
+)
 
 
 def _imports(path: Path) -> set[str]:

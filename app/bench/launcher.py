@@ -39,9 +39,11 @@ def free_port() -> int:
 def wait_ready(
     url: str, proc: subprocess.Popen[bytes] | None = None, limit_s: float = 600, *, answering: bool = False
 ) -> None:
-    """Until GET /readyz answers 200, or answers at all (`answering`: the server is up, maybe still loading).
-    RuntimeError as soon as the process exits or the server reports that its load failed (it will never be
-    ready: say why now, not after limit_s); TimeoutError after limit_s."""
+    """Until GET /readyz answers 200 with every variant it lists ready (the server is ready once its default
+    variant serves; the others may still be starting), or answers at all (`answering`: the server is up,
+    maybe still loading). RuntimeError as soon as the process exits, the server reports that its load failed
+    or a variant failed to start (it will never be ready: say why now, not after limit_s); TimeoutError after
+    limit_s."""
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
@@ -50,12 +52,25 @@ def wait_ready(
             ready = httpx.get(f"{url}/readyz", timeout=5)
         except httpx.TransportError:
             ready = None
-        if ready is not None and (answering or ready.status_code == 200):
+        if ready is not None and (answering or every_variant_ready(ready)):
             return
         if ready is not None and ready.json().get("status") == "failed":
             raise RuntimeError(f"server failed to load: {ready.json().get('error')}")
+        failed = {name: v.get("error") for name, v in variants_of(ready).items() if v.get("state") == "failed"}
+        if failed:
+            raise RuntimeError(f"server failed to start variants: {failed}")
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {limit_s} s")
+
+
+def variants_of(readyz: httpx.Response | None) -> dict[str, dict[str, object]]:
+    """The variants a /readyz answer lists, by name (none for a server that lists none)."""
+    variants = readyz.json().get("variants") if readyz is not None else None
+    return variants if isinstance(variants, dict) else {}
+
+
+def every_variant_ready(readyz: httpx.Response) -> bool:
+    return readyz.status_code == 200 and all(v.get("state") == "ready" for v in variants_of(readyz).values())
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:

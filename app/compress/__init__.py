@@ -37,10 +37,18 @@ def device_default_precision(pipe: VARPipeline) -> VARPipeline:
     return autocast_bf16(pipe) if pipe.device.type == "cuda" else pipe
 
 
-def _spec(function: PassFn, options_type: type[Any] | None, summary: str, plan: PlanKind | None = None) -> PassSpec:
-    return PassSpec(function.__name__, function, options_type, summary, plan)
+def _spec(
+    function: PassFn,
+    options_type: type[Any] | None,
+    summary: str,
+    plan: PlanKind | None = None,
+    *,
+    compiles_on: frozenset[str] = frozenset(),
+) -> PassSpec:
+    return PassSpec(function.__name__, function, options_type, summary, plan, compiles_on)
 
 
+EVERY_DEVICE = frozenset({"cpu", "cuda"})
 DEVICE_DEFAULT_PRECISION = _spec(
     device_default_precision,
     None,
@@ -56,6 +64,7 @@ WINDOWED_ATTENTION = _spec(
     WindowedAttention,
     "Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.",
     PlanKind.WINDOWS,
+    compiles_on=frozenset({"cuda"}),  # its GPU kernel is FlexAttention, compiled per shape (attention.py)
 )
 CFG_ATTENTION_SHARING = _spec(
     cfg_attention_sharing,
@@ -90,11 +99,13 @@ COMPILED_STEP = _spec(
     compiled_step,
     None,
     "The per-scale step and the VQVAE decoder under torch.compile (Inductor), weights unchanged.",
+    compiles_on=EVERY_DEVICE,
 )
 AUTOTUNED_STEP = _spec(
     autotuned_step,
     None,
     "The step compiled with frozen weights and autotuned GEMMs; the decoder as in compiled_step.",
+    compiles_on=EVERY_DEVICE,
 )
 PASSES: dict[str, PassSpec] = {
     spec.name: spec

@@ -11,8 +11,13 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from app.compress.attention_passes import attention_flops, cfg_attention_sharing
 from app.compress.plans import Calibration, calibrated, save_plan
@@ -22,8 +27,10 @@ from app.compress.windows import PLAN_FILE, WindowSettings, band_plan
 from app.model.checkpoint import folder_config, load_folder
 from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
+from app.model.progress import Progress, heartbeat
 
 Settings = TypeVar("Settings", WindowSettings, SharingSettings)
+log = logging.getLogger("app.compress.calibrate")
 
 
 def _settings(settings_type: type[Settings], a: argparse.Namespace) -> Settings:
@@ -43,11 +50,33 @@ def _report_sharing(plan: SharingPlan, pipe: VARPipeline, out: Path) -> None:
     )
 
 
+@contextmanager
+def progress_bar(progress: Progress) -> Iterator[None]:
+    """A bar on stderr that follows `progress` in percent of the work (its steps differ in cost, so the bar's
+    rate and time left are those of the work, not of the steps), with the log lines printed above it."""
+    with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]") as bar:
+
+        def show(p: Progress) -> None:
+            bar.n = round(100 * p.fraction, 1)
+            bar.set_postfix_str(f"step {min(p.done + 1, p.steps)}/{p.steps}", refresh=True)
+
+        progress.listeners.append(show)
+        with logging_redirect_tqdm():
+            yield
+
+
 def calibrate_main(a: argparse.Namespace) -> int:
-    """Both plans from one calibration run (the sharing plan alone with --sharing-only), saved beside the model."""
+    """Both plans from one calibration run (the sharing plan alone with --sharing-only), saved beside the model;
+    a progress bar while it runs, and its progress in the log every 10 s."""
     pipe = load_folder(a.model)
     kinds = {PlanKind.SHARING} if a.sharing_only else {PlanKind.WINDOWS, PlanKind.SHARING}
-    plans = calibrated(pipe, kinds, Calibration(_settings(WindowSettings, a), _settings(SharingSettings, a)))
+    calibration = Calibration(_settings(WindowSettings, a), _settings(SharingSettings, a))
+    what = "sharing plan" if a.sharing_only else "window and sharing plans"
+    progress = Progress(f"calibrating the {what} of {a.model}")
+    log.info("%s: %d batches of %d images", progress.task, calibration.windows.batches, calibration.windows.batch_size)
+    with progress_bar(progress), heartbeat(progress, log.info):
+        plans = calibrated(pipe, kinds, calibration, progress)
+    log.info("%s: done in %.1f s", progress.task, progress.elapsed_s)
     if plans.windows is not None:
         out = a.out or a.model / PLAN_FILE
         save_plan(plans.windows, out)

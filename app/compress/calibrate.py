@@ -16,6 +16,7 @@ from app.compress.windows import DROP, FULL, WindowPlan, WindowSettings, candida
 from app.model.blocks import DenseAttention
 from app.model.kv_cache import ScaleStep, scale_steps
 from app.model.pipeline import VARPipeline
+from app.model.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,39 @@ class RecordingAttention(DenseAttention):
         return super().forward(q, k, v, scale=scale, attn_bias=attn_bias, step=step)
 
 
+class StepCounter:
+    """A recorder that only counts: the run's steps are its (batch, scale) pairs, each begun when layer 0
+    computes that scale, each weighted by the scale's tokens (what its cost grows with)."""
+
+    def __init__(self, progress: Progress, patch_nums: Sequence[int], batches: int):
+        self.progress, self.scales = progress, len(patch_nums)
+        self.batch = -1
+        progress.begin([pn * pn for pn in patch_nums] * batches)
+
+    def add(self, layer: int, step: ScaleStep, probs: torch.Tensor, values: torch.Tensor) -> None:
+        if layer:
+            return
+        if step.si == 0:
+            self.batch += 1
+        self.progress.advance(to=self.batch * self.scales + step.si)
+
+
 def calibration_batches(num_classes: int, batches: int, batch_size: int) -> list[list[int]]:
     """`batches` batches that together cycle through the classes, so different batches see different classes."""
     n = batch_size
     return [[(i * n + j) % num_classes for j in range(n)] for i in range(batches)]
 
 
-def record(pipe: VARPipeline, recorders: Sequence[Recorder], settings: WindowSettings | SharingSettings) -> None:
-    """Run the unmodified model on the settings' calibration batches, every layer reporting to `recorders`."""
+def record(
+    pipe: VARPipeline,
+    recorders: Sequence[Recorder],
+    settings: WindowSettings | SharingSettings,
+    progress: Progress | None = None,
+) -> None:
+    """Run the unmodified model on the settings' calibration batches, every layer reporting to `recorders`;
+    each (batch, scale) step advances `progress`, whose `cancel` stops the run at the next step."""
+    if progress is not None:
+        recorders = [*recorders, StepCounter(progress, pipe.config.var.patch_nums, settings.batches)]
     blocks = pipe.var.block_list
     saved = [blk.attn.kernel for blk in blocks]
     t0 = time.perf_counter()
@@ -146,6 +172,8 @@ def record(pipe: VARPipeline, recorders: Sequence[Recorder], settings: WindowSet
     finally:
         for blk, kernel in zip(blocks, saved, strict=True):
             blk.attn.kernel = kernel
+    if progress is not None:
+        progress.finish()
     log.info("ran %d calibration batches in %.1f s", settings.batches, time.perf_counter() - t0)
 
 
@@ -170,32 +198,36 @@ def _log_sharing(plan: SharingPlan) -> SharingPlan:
     return plan
 
 
-def calibrate(pipe: VARPipeline, settings: WindowSettings | None = None) -> WindowPlan:
+def calibrate(
+    pipe: VARPipeline, settings: WindowSettings | None = None, progress: Progress | None = None
+) -> WindowPlan:
     """Run the unmodified model on the calibration batches and turn its attention mass into a window plan."""
     settings = settings or WindowSettings()
     mass = _attention_mass(pipe, settings)
-    record(pipe, [mass], settings)
+    record(pipe, [mass], settings, progress)
     return _log_windows(mass.plan())
 
 
-def calibrate_sharing(pipe: VARPipeline, settings: SharingSettings | None = None) -> SharingPlan:
+def calibrate_sharing(
+    pipe: VARPipeline, settings: SharingSettings | None = None, progress: Progress | None = None
+) -> SharingPlan:
     """Run the unmodified model on the calibration batches and measure, per (layer, scale), how far the
     unconditional rows' attention is from the conditional rows' (sharing.py)."""
     settings = settings or SharingSettings()
     error = _cfg_error(pipe)
-    record(pipe, [error], settings)
+    record(pipe, [error], settings, progress)
     return _log_sharing(error.plan(settings))
 
 
 def calibrate_plans(
-    pipe: VARPipeline, windows: WindowSettings, sharing: SharingSettings
+    pipe: VARPipeline, windows: WindowSettings, sharing: SharingSettings, progress: Progress | None = None
 ) -> tuple[WindowPlan, SharingPlan]:
     """Both plans from one run of the calibration batches, which both settings must name alike; the same
     plans as `calibrate` and `calibrate_sharing` give."""
     if _batches(windows) != _batches(sharing):
         raise ValueError(f"one calibration run: batches, batch size and seed must agree, got {windows} and {sharing}")
     mass, error = _attention_mass(pipe, windows), _cfg_error(pipe)
-    record(pipe, [mass, error], windows)
+    record(pipe, [mass, error], windows, progress)
     return _log_windows(mass.plan()), _log_sharing(error.plan(sharing))
 
 

@@ -8,7 +8,8 @@ convolutions and attention stay the same library kernels, so tokens match the ea
 Cost: each scale is its own graph (its sequence length and cache slice differ). The first batch size
 compiles one graph per scale; the second one more per scale with the batch dimension symbolic, which then
 serves later batch sizes. On 2 CPU cores that is seconds per graph cold, and much less from Inductor's
-on-disk cache (`TORCHINDUCTOR_CACHE_DIR`). The server's warm-up pays it before the service reports ready.
+on-disk cache (`TORCHINDUCTOR_CACHE_DIR`). The server's warm-up pays it before the variant serves, at the
+batch sizes that get graphs of their own (`graph_batch_sizes`).
 
 The compiled functions go into the pipeline's hooks (`step_fn`, `decoder_fn`); modules are left as they are.
 
@@ -36,14 +37,16 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from app.compress.decoder import is_prepacked
 from app.compress.quantize import Int8Linear
+from app.model.kv_cache import ScaleStep
 from app.model.pipeline import VARPipeline
+from app.model.row_stable import MIN_ROWS
 
 GRAPHS_PER_SCALE = 4  # first batch size, symbolic batch, and the row-padding branch of small GEMMs
 # Dynamo's recompilation budgets are process-wide; `configure_dynamo` sets them once, to fixed values.
@@ -56,6 +59,25 @@ RECOMPILE_LIMIT = GRAPHS_PER_SCALE * MAX_SCALES
 # a recompilation that runs away (a guard failing at every call) still stops at a bounded count.
 COMPILED_PIPELINES = 16
 ACCUMULATED_RECOMPILE_LIMIT = COMPILED_PIPELINES * GRAPHS_PER_SCALE * (MAX_SCALES + 1)
+
+
+def graph_batch_sizes(max_batch_size: int, steps: Sequence[ScaleStep]) -> list[int]:
+    """The batch sizes up to `max_batch_size` at which a compiled step on the CPU compiles graphs of its own,
+    smallest first, for a pipeline of these `steps` (`VARPipeline.steps`); running these once compiles every
+    graph that the other sizes then reuse. A size gets new graphs when it differs from every smaller one in
+    what the graphs are specialised on: batch 1 (Dynamo specialises a dimension of size 1), batch 2 (the
+    second size seen turns the batch dimension symbolic), and, per scale, whether the rows of its linear
+    layers (two per image where guided, one where not) reach `MIN_ROWS`: the row-stable linear's branch
+    (app/model/row_stable.py), a guard on the symbolic size."""
+
+    def specialised_on(batch: int) -> tuple[int, tuple[bool, ...]]:
+        rows = ((2 if step.guided else 1) * batch * step.num_tokens for step in steps)
+        return min(batch, 2), tuple(r >= MIN_ROWS for r in rows)
+
+    first: dict[tuple[int, tuple[bool, ...]], int] = {}
+    for batch in range(1, max_batch_size + 1):
+        first.setdefault(specialised_on(batch), batch)
+    return sorted(first.values())
 
 
 def own_code(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -2,15 +2,17 @@
 checkpoint, loaded, or calibrated on its weights. The service, the benchmarks and the command line get them
 here; the passes take them as arguments and read no file.
 
-Plans are calibrated for one checkpoint's weights and saved beside it (`python -m app.compress calibrate`).
+Plans are calibrated for one checkpoint's weights and saved beside it (`python -m app.compress calibrate`,
+or the service, which calibrates missing ones in the background and saves them: app/serve/startup.py).
 Without a saved plan a variant that takes one refuses to load, naming that command; only a caller that asks
-for it (`plans_for(..., calibrate_missing=True)`) calibrates the missing ones, which takes a while and is
-logged.
+for it (`plans_for(..., calibrate_missing=True)`, `calibrated`) calibrates the missing ones, which takes a
+while and is logged.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,6 +25,7 @@ from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings
 from app.model.checksums import SUMS_FILE, write_sums
 from app.model.config import VARConfig
 from app.model.pipeline import VARPipeline
+from app.model.progress import Progress
 
 log = logging.getLogger(__name__)
 CALIBRATE = "python -m app.compress calibrate"  # the command that saves the plans beside a checkpoint
@@ -165,18 +168,20 @@ def saved_plans(folder: Path | None, kinds: Iterable[PlanKind], var: VARConfig) 
     return Plans(windows, sharing, file if windows is not None else None, file if sharing is not None else None)
 
 
-def calibrated(pipe: VARPipeline, kinds: Iterable[PlanKind], calibration: Calibration) -> Plans:
+def calibrated(
+    pipe: VARPipeline, kinds: Iterable[PlanKind], calibration: Calibration, progress: Progress | None = None
+) -> Plans:
     """Plans of `kinds` calibrated on the unmodified `pipe`; both from one run of the calibration batches when
-    both are asked for, half the time of calibrating each alone."""
+    both are asked for, half the time of calibrating each alone. The run advances `progress` (calibrate.py)."""
     kinds = frozenset(kinds)
     origin = PlanOrigin.CALIBRATED
     if kinds == {PlanKind.WINDOWS, PlanKind.SHARING}:
-        windows, sharing = calibrate_plans(pipe, calibration.windows, calibration.sharing)
+        windows, sharing = calibrate_plans(pipe, calibration.windows, calibration.sharing, progress)
         return Plans(windows, sharing, origin, origin)
     if kinds == {PlanKind.WINDOWS}:
-        return Plans(windows=calibrate(pipe, calibration.windows), windows_origin=origin)
+        return Plans(windows=calibrate(pipe, calibration.windows, progress), windows_origin=origin)
     if kinds == {PlanKind.SHARING}:
-        return Plans(sharing=calibrate_sharing(pipe, calibration.sharing), sharing_origin=origin)
+        return Plans(sharing=calibrate_sharing(pipe, calibration.sharing, progress), sharing_origin=origin)
     return NO_PLANS
 
 
@@ -195,7 +200,29 @@ def load_sharing_plan(path: Path, var: VARConfig) -> SharingPlan:
 
 
 def save_plan(plan: WindowPlan | SharingPlan, path: Path) -> None:
-    """Write `plan` to `path`; a folder with checksums gets them rewritten, so that they cover the new plan."""
-    plan.save(path)
+    """Write `plan` to `path`; a folder with checksums gets them rewritten, so that they cover the new plan.
+    The file appears whole or not at all (written beside it, then renamed): a server starting meanwhile, or
+    another replica saving the same plan, never reads half of one. OSError when the folder is not writable."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        plan.save(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     if (path.parent / SUMS_FILE).is_file():
         write_sums(path.parent)
+
+
+def save_plans(plans: Plans, folder: Path) -> list[Path]:
+    """Save beside the checkpoint in `folder` each plan of `plans` that was calibrated (not one read from a file
+    or given), under its usual name, so that the next load finds it. Returns the paths written."""
+    held = {
+        PlanKind.WINDOWS: (plans.windows, plans.windows_origin),
+        PlanKind.SHARING: (plans.sharing, plans.sharing_origin),
+    }
+    written = []
+    for kind, (plan, origin) in held.items():
+        if plan is not None and origin is PlanOrigin.CALIBRATED:
+            save_plan(plan, folder / FILES[kind])
+            written.append(folder / FILES[kind])
+    return written

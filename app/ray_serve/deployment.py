@@ -7,11 +7,12 @@ forwards requests to the app unchanged, so every route, error and limit is the a
 per replica: each has its engine and worker thread.
 
 Lifecycle: Ray runs the app's lifespan in the replica. Its startup starts loading; the replica additionally
-waits there until the variants are loaded and warmed up, so Ray routes nothing to a replica that would
-answer 503, and a failed load fails the replica (Ray retries it and reports the cause). On shutdown Ray stops
-routing to the replica and waits for its ongoing requests (up to `graceful_shutdown_timeout_s`, set above
-VAR_DRAIN_GRACE_S); then the lifespan's shutdown drains the service within VAR_DRAIN_GRACE_S and stops the
-engine.
+waits there until every variant has started or failed (not only the default one, which makes the service
+ready: Ray routes by replica, not by variant), so Ray routes nothing to a replica that would answer 503 for
+a variant still starting, and a failed load fails the replica (Ray retries it and reports the cause). On
+shutdown Ray stops routing to the replica and waits for its ongoing requests (up to
+`graceful_shutdown_timeout_s`, set above VAR_DRAIN_GRACE_S); then the lifespan's shutdown drains the service
+within VAR_DRAIN_GRACE_S and stops the engine.
 
 Nothing in the product imports this module; it is a deployment entry like `app/serve/__main__.py`.
 """

@@ -49,7 +49,7 @@ class Rejection(StrEnum):
     UNAUTHORIZED = "unauthorized"  # no valid API key (401)
     NOT_ACCEPTABLE = "not_acceptable"
     QUEUE_FULL = "queue_full"
-    NOT_READY = "not_ready"  # starting, loading, or the load failed
+    NOT_READY = "not_ready"  # loading, the load failed, or the variant asked for is still starting or failed
     DRAINING = "draining"  # shutting down or stopped
     DEADLINE = "deadline"
     CLIENT_DISCONNECTED = "client_disconnected"
@@ -166,7 +166,16 @@ class ServeMetrics:
         self.gpu_reserved_bytes = Gauge("var_gpu_memory_reserved_bytes", "CUDA memory reserved", registry=r)
         self.model_info = Info("var_model", "the served model", registry=r)
         self.variant_info = Info("var_variant", "passes of each loaded variant", ["variant"], registry=r)
-        self.ready = Gauge("var_ready", "1 when loaded, warmed up and accepting", registry=r)
+        self.ready = Gauge(
+            "var_ready", "1 while the default variant serves (GET /readyz 200 unless unhealthy)", registry=r
+        )
+        self.variant_ready = Gauge(
+            "var_variant_ready",
+            "1 while the variant serves; 0 while it loads, calibrates or warms up, and once it failed (GET /models "
+            "says which, and why)",
+            ["variant"],
+            registry=r,
+        )
         self.healthy = Gauge(
             "var_healthy",
             "1 while GET /healthz answers 200; 0 after a failed load, while a batch runs far past its expected "

@@ -1,10 +1,11 @@
-"""Load a checkpoint folder once and build every configured variant from it, sharing what is unchanged.
+"""Load a checkpoint folder once and build each configured variant from it, sharing what is unchanged.
 
 Each variant gets its own copy of the transformer (passes rewrite it); the VQVAE is shared by every
 variant whose passes left its modules, its tensors and the pipeline's decoder hook unchanged. Memory is
 accounted per variant. Variants with windowed attention share one window plan, and variants sharing
-attention across CFG one sharing plan: the checkpoint's, or one calibrated at load when asked for
-(`plans_for`, app/compress/plans.py).
+attention across CFG one sharing plan: the checkpoint's, or one calibrated on the unmodified model
+(`plans_for`, app/compress/plans.py). The service builds the variants one at a time as their plans are
+there (app/serve/startup.py); `load_model` builds them all at once.
 """
 
 from __future__ import annotations
@@ -43,8 +44,21 @@ class ServedModel:
     folder: Path
     config: PipelineConfig
     device: torch.device
-    variants: dict[str, ServedVariant] = field(default_factory=dict)
+    # the checkpoint as loaded, while variants are being built: each from a copy of it, and calibration runs
+    # on it; then released (`release_base`), so that its transformer does not stay in memory beside theirs
+    base: VARPipeline | None = None
+    variants: dict[str, ServedVariant] = field(default_factory=dict)  # those built so far
     shared_bytes: int = 0  # weights used by several variants
+
+    def add(self, variant: ServedVariant) -> None:
+        """A variant built from `base`; once one uses the base's VQVAE, its weights count as shared."""
+        self.variants[variant.name] = variant
+        if variant.shares_vqvae:
+            self.shared_bytes = module_bytes(variant.pipeline.vqvae)
+
+    def release_base(self) -> None:
+        """No variant is built any more: drop the base pipeline (the VQVAE stays with the variants sharing it)."""
+        self.base = None
 
     @property
     def defaults(self) -> SamplingParams:
@@ -73,32 +87,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_checkpoint(folder: Path, device: torch.device) -> ServedModel:
+    """The checkpoint of `folder` on `device`, no variant built yet."""
+    base = load_folder(folder).to(device)
+    return ServedModel(folder, base.config, device, base)
+
+
+def build_variant(model: ServedModel, name: str, plans: Plans, *, alone: bool = False) -> ServedVariant:
+    """Variant `name` built from a copy of the model's base pipeline, with the VQVAE of the base when the
+    variant leaves it unchanged; `alone` (the only variant served): from the base pipeline itself, which then
+    is the variant (no copy, nothing to share; nothing may be built or calibrated from the base after it).
+    `plans` must hold those it takes. The model is left as it is: `model.add` serves the result."""
+    base = model.base
+    assert base is not None, "variants are built before the base is released"
+    if alone:
+        pipe = apply_variant(name, base, plans=plans)
+        return _served(name, pipe, plans, module_bytes(pipe.var, pipe.vqvae), False)
+    pipe = apply_variant(name, copy.deepcopy(base), plans=plans)
+    shares = vqvae_shareable(pipe, base)
+    if shares:
+        pipe.vqvae, pipe.decoder_fn = base.vqvae, base.decoder_fn  # the copy is dropped
+    own = module_bytes(pipe.var) if shares else module_bytes(pipe.var, pipe.vqvae)
+    return _served(name, pipe, plans, own, shares)
+
+
 def load_model(
     folder: Path, variant_names: Sequence[str], device: torch.device, *, calibrate_missing_plans: bool = False
 ) -> ServedModel:
-    """Every variant of `variant_names` from one load of `folder`. Windowed variants need the folder's window
-    plan, variants sharing attention across CFG its sharing plan; without one, loading refuses
+    """Every variant of `variant_names` from one load of `folder`, at once. Windowed variants need the
+    folder's window plan, variants sharing attention across CFG its sharing plan; without one, loading refuses
     (MissingWindowPlan, MissingSharingPlan: each names the command that saves one) unless
     `calibrate_missing_plans`, which calibrates one plan for them all on the unmodified model."""
-    base = load_folder(folder).to(device)
-    model = ServedModel(folder, base.config, device)
+    model = load_checkpoint(folder, device)
+    assert model.base is not None
     specs = [variant_spec(name) for name in variant_names]
-    plans = plans_for(base, folder, specs, calibrate_missing=calibrate_missing_plans)
-    if len(variant_names) == 1:  # nothing to share: transform the loaded pipeline itself
-        name = variant_names[0]
-        pipe = apply_variant(name, base, plans=plans)
-        model.variants[name] = _served(name, pipe, plans, module_bytes(pipe.var, pipe.vqvae), False)
-        return model
-    shared = False
+    plans = plans_for(model.base, folder, specs, calibrate_missing=calibrate_missing_plans)
     for name in variant_names:
-        pipe = apply_variant(name, copy.deepcopy(base), plans=plans)
-        shares = vqvae_shareable(pipe, base)
-        if shares:
-            pipe.vqvae, pipe.decoder_fn = base.vqvae, base.decoder_fn  # the copy is dropped
-            shared = True
-        own = module_bytes(pipe.var) if shares else module_bytes(pipe.var, pipe.vqvae)
-        model.variants[name] = _served(name, pipe, plans, own, shares)
-    model.shared_bytes = module_bytes(base.vqvae) if shared else 0
+        model.add(build_variant(model, name, plans, alone=len(variant_names) == 1))
+    model.release_base()
     return model
 
 

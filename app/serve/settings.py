@@ -69,11 +69,17 @@ class ServeSettings(BaseSettings):
         description="a batch running longer than this and 10 times the running mean of a batch's seconds counts "
         "as stuck: /healthz answers 503 so that the process gets restarted",
     )
-    warmup: bool = Field(default=True, description="run every variant at every batch size before becoming ready")
+    warmup: bool = Field(
+        default=True,
+        description="run each variant before it serves: an eager one once at batch 1, a compiled one at each batch "
+        "size that compiles graphs of its own",
+    )
     calibrate_missing_plans: bool = Field(
-        default=False,
-        description="calibrate at load the window or sharing plan that a variant takes and the checkpoint folder "
-        "lacks (window_plan.safetensors, sharing_plan.safetensors; slow; otherwise such variants refuse to load)",
+        default=True,
+        description="a window or sharing plan that a variant takes and the checkpoint folder lacks "
+        "(window_plan.safetensors, sharing_plan.safetensors): true, calibrated in the background while the other "
+        "variants serve, then saved beside the checkpoint when the folder is writable; false, such variants fail "
+        "naming the command that saves one",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")

@@ -1,6 +1,6 @@
 """The server launcher of the benchmarks and tests, on a stand-in server (a few lines of http.server that answer
-/readyz as told): the port and settings it is given, the waits (ready, only answering, failed, exited, too
-slow) and the stop (SIGTERM, SIGKILL after the grace, or at once)."""
+/readyz as told): the port and settings it is given, the waits (ready with every variant, only answering,
+failed, a variant failed, exited, too slow) and the stop (SIGTERM, SIGKILL after the grace, or at once)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ status, body = {
     "ready": (200, {"status": "ready"}),
     "stubborn": (200, {"status": "ready"}),
     "failed": (503, {"status": "failed", "error": "MissingWindowPlan: calibrate first"}),
+    "calibrating": (200, {"status": "ready", "variants": {"a": {"state": "ready"}, "b": {"state": "calibrating"}}}),
+    "variant-failed": (200, {"status": "ready", "variants": {"b": {"state": "failed", "error": "RuntimeError: no"}}}),
 }.get(mode, (503, {"status": "loading"}))
 
 
@@ -67,6 +69,15 @@ def test_only_answering_is_enough_when_asked_and_a_timeout_otherwise() -> None:
     with pytest.raises(TimeoutError, match="not ready after 1 s"), loading:
         pass
     assert time.monotonic() - t0 < 20
+
+
+def test_a_server_is_ready_once_every_variant_serves_not_only_its_default_one() -> None:
+    calibrating = launched({}, command=stand_in("calibrating"), ready_limit_s=1)
+    with pytest.raises(TimeoutError, match="not ready after 1 s"), calibrating:
+        pass
+    failed = launched({}, command=stand_in("variant-failed"), ready_limit_s=600)
+    with pytest.raises(RuntimeError, match=r"failed to start variants: \{'b': 'RuntimeError: no'\}"), failed:
+        pass
 
 
 def test_a_failed_load_or_an_exit_stops_the_wait_at_once_with_the_cause() -> None:

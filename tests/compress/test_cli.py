@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+import app.model.progress as progress_module
 from app.compress import VARIANTS
 from app.compress.__main__ import main
 from app.compress.attention import PlannedAttention
@@ -48,6 +50,23 @@ def test_calibrate_saves_both_plans_that_the_litevar_variant_loads(model_dir: Pa
     kernels = [b.attn.kernel for b in pipe.var.block_list]
     assert all(isinstance(k, PlannedAttention) and set(k.routes) == {3, 4, 5, 6} for k in kernels)
     assert [k.share_scales for k in kernels] == [sharing.scales(layer) for layer in range(4)]
+
+
+def test_calibrate_shows_a_progress_bar_and_logs_where_it_is(
+    model_dir: Path, capsys, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress_module, "HEARTBEAT_S", 0.01)  # the log's 10 s, shortened
+    caplog.set_level(logging.INFO, logger="app.compress.calibrate")
+    task = f"calibrating the window and sharing plans of {model_dir}"
+    assert main(["calibrate", "--model", str(model_dir), "--batches", "1", "--batch-size", "2"]) == 0
+    scales = len(load_folder(model_dir).config.var.patch_nums)
+    bar = capsys.readouterr().err
+    assert "100%|" in bar and f"step {scales}/{scales}]" in bar
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == f"{task}: 1 batches of 2 images" and re.fullmatch(
+        rf"{re.escape(task)}: done in \d+\.\d s", said[-1]
+    )
+    assert any(re.match(rf"{re.escape(task)}: step \d+/{scales}, \d+% done, \d+ s elapsed, ", line) for line in said)
 
 
 @pytest.mark.parametrize(("threshold", "shared", "flops_kept"), [("0", 0, "100.0%"), ("inf", 28, "75.0%")])

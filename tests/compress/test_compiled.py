@@ -10,7 +10,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
-from app.compress.compiled import ACCUMULATED_RECOMPILE_LIMIT, RECOMPILE_LIMIT, autotuned_step, compiled_step
+from app.compress.compiled import (
+    ACCUMULATED_RECOMPILE_LIMIT,
+    RECOMPILE_LIMIT,
+    autotuned_step,
+    compiled_step,
+    graph_batch_sizes,
+)
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
 from app.compress.windows import DROP, WindowPlan, WindowSettings
@@ -112,3 +118,18 @@ def test_autotuned_step_freezes_weights_matches_eager_and_stays_batch_invariant(
     for si, (t3, t1) in enumerate(zip(together, alone, strict=True)):
         assert t3[2].equal(t1[0]), f"scale {si}: an image depends on its batch"
     assert "AUTOTUNE" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_batch_sizes_that_get_graphs_of_their_own_are_those_the_service_warms(small: VARPipeline) -> None:
+    """Batch sizes 1 to 8 in turn through a fresh compiled pipeline: new graphs appear exactly at the sizes
+    `graph_batch_sizes` names (the service warms those), and the sizes between them reuse their graphs. Size 8
+    is where the first scale's 16 rows (two per image) reach the row-stable linear's other branch."""
+    compiled = compiled_step(copy.deepcopy(small))
+    grew = []
+    for size in range(1, 9):
+        before = counters["stats"]["unique_graphs"]
+        compiled.generate([size % 10] * size, seeds=list(range(size)))
+        if counters["stats"]["unique_graphs"] > before:
+            grew.append(size)
+    assert grew == graph_batch_sizes(8, compiled.steps) == [1, 2, 8]

@@ -19,6 +19,7 @@ import app.compress.plans as plans_module
 from app.compress import VARIANTS, apply_variant
 from app.compress.attention import PlannedAttention
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
+from app.compress.calibrate import RecordingAttention
 from app.compress.hardware import detected
 from app.compress.plans import (
     Calibration,
@@ -26,14 +27,18 @@ from app.compress.plans import (
     MissingWindowPlan,
     PlanOrigin,
     Plans,
+    calibrated,
     plans_for,
     save_plan,
+    save_plans,
 )
+from app.compress.registry import PlanKind
 from app.compress.sharing import SHARING_PLAN_FILE, SharingPlan, SharingSettings
 from app.compress.windows import PLAN_FILE, WindowPlan, WindowSettings, band_plan
 from app.model.checkpoint import load_folder
 from app.model.config import PRESETS
 from app.model.pipeline import VARPipeline
+from app.model.progress import Cancelled, Progress
 from app.train.export import export_folder
 from tests.spread_weights import small_pipeline
 
@@ -128,6 +133,38 @@ def test_missing_plans_are_calibrated_when_asked_for(
     assert one.sharing is not None and both.sharing is not None
     assert torch.equal(one.sharing.distances, both.sharing.distances)  # the same settings, the same plan
     assert not (folder / SHARING_PLAN_FILE).exists()  # calibrated at load, never saved
+
+
+@pytest.mark.parametrize("kinds", [{PlanKind.WINDOWS, PlanKind.SHARING}, {PlanKind.WINDOWS}, {PlanKind.SHARING}])
+def test_a_calibration_run_reports_each_batch_and_scale_weighted_by_its_tokens(
+    small: VARPipeline, kinds: set[PlanKind]
+) -> None:
+    two = Calibration(WindowSettings(dense_scales=1, batches=2, batch_size=2), SharingSettings(batches=2, batch_size=2))
+    progress = Progress("calibrating")
+    seen: list[tuple[int, float]] = []
+    progress.listeners.append(lambda p: seen.append((p.done, p.fraction)))
+    calibrated(small, kinds, two, progress)
+    assert progress.weights == [1, 4, 16] * 2  # scales 1x1, 2x2, 4x4, per batch
+    assert [done for done, _ in seen] == [0, 0, 1, 2, 3, 4, 5, 6]  # begun; each step begun (the done before); end
+    assert [fraction for _, fraction in seen] == [sum(progress.weights[:done]) / 42 for done, _ in seen]
+    assert progress.ended is not None
+
+
+def test_a_cancelled_calibration_stops_at_its_next_step_and_leaves_the_model_as_it_was(small: VARPipeline) -> None:
+    progress = Progress("calibrating")
+    progress.listeners.append(lambda p: p.cancel() if p.done == 1 else None)
+    with pytest.raises(Cancelled):
+        calibrated(small, {PlanKind.WINDOWS}, FEW, progress)
+    assert progress.done == 1
+    assert not any(isinstance(blk.attn.kernel, RecordingAttention) for blk in small.var.block_list)
+
+
+def test_only_calibrated_plans_are_saved_each_whole(folder: Path, small: VARPipeline) -> None:
+    given = Plans(window_plan_of(small), sharing_plan_of(small), PlanOrigin.CALIBRATED, PlanOrigin.FILE)
+    assert save_plans(given, folder) == [folder / PLAN_FILE]
+    assert not (folder / SHARING_PLAN_FILE).exists()  # read from a file: it is there already
+    assert torch.equal(WindowPlan.load(folder / PLAN_FILE).windows, window_plan_of(small).windows)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no partial file left
 
 
 def test_a_plan_for_another_model_shape_is_refused(folder: Path, small: VARPipeline) -> None:

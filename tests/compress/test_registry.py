@@ -135,3 +135,11 @@ def test_every_variant_takes_the_plans_of_its_attention_passes() -> None:
 def test_a_pass_said_to_take_a_plan_must_have_a_plan_argument() -> None:
     with pytest.raises(TypeError, match="guidance_off_last takes a window plan but has no keyword argument `plan`"):
         PassSpec("guidance_off_last", guidance_off_last, GuidanceOff, "summary", PlanKind.WINDOWS)
+
+
+def test_the_variants_that_compile_are_known_per_device() -> None:
+    """compiled_step and autotuned_step compile everywhere; windowed attention on CUDA (FlexAttention)."""
+    on_cpu = {name for name, v in VARIANTS.items() if v.compiled("cpu")}
+    on_cuda = {name for name, v in VARIANTS.items() if v.compiled("cuda")}
+    assert on_cpu == {"compiled", "autotuned", "fastest"}
+    assert on_cuda == on_cpu | {"litevar", "litevar-float", "windows", "fastest-int8"}

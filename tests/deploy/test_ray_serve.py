@@ -273,7 +273,8 @@ def deployed(local_serve: LocalServe) -> LocalServe:
 @pytest.mark.slow
 def test_images_through_rays_proxy_as_from_the_service_itself(deployed: LocalServe) -> None:
     url = deployed.url
-    assert httpx.get(f"{url}/readyz", timeout=10).json() == {"status": "ready"}
+    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    assert ready["status"] == "ready" and ready["variants"]["baseline"]["state"] == "ready"
     png = httpx.post(f"{url}/generate", json={"class_name": "Sneaker"}, headers={"Accept": "image/png"}, timeout=60)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content.startswith(b"\x89PNG") and png.headers["x-variant"] == "baseline"

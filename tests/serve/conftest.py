@@ -3,6 +3,7 @@ record, block or fail, and a TestClient of a ready service."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,8 +16,13 @@ import torch
 from fastapi.testclient import TestClient
 
 import app.serve.service as service_module
+import app.serve.startup as startup_module
 from app.bench.launcher import ServerProcess, launched
+from app.compress.plans import Calibration
+from app.compress.sharing import SHARING_PLAN_FILE, SharingSettings
+from app.compress.windows import PLAN_FILE, WindowSettings
 from app.model.checkpoint import load_folder, random_pipeline
+from app.model.checksums import write_sums
 from app.model.config import DEMO
 from app.model.kv_cache import KVLease, KVPool, ScaleStep
 from app.model.pipeline import Generation, VARPipeline
@@ -28,6 +34,10 @@ from app.serve.engine import POLICIES
 from app.serve.engine.queue import RequestQueue
 from app.serve.settings import ServeSettings
 from app.train.export import export_folder
+from tests.conftest import DEMO as DEMO_FOLDER
+
+# one calibration batch of two images: the demo model's plans in about half a second instead of six
+CHEAP_CALIBRATION = Calibration(WindowSettings(batches=1, batch_size=2), SharingSettings(batches=1, batch_size=2))
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +49,17 @@ def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def demo_without_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the trained demo model without its window and sharing plans, as released weights come, its
+    checksums rewritten; services calibrate missing plans with CHEAP_CALIBRATION."""
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO_FOLDER, folder, ignore=shutil.ignore_patterns(PLAN_FILE, SHARING_PLAN_FILE, "*.png"))
+    write_sums(folder)
+    monkeypatch.setattr(startup_module, "CALIBRATION", CHEAP_CALIBRATION)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_pipeline(demo_folder: Path) -> VARPipeline:
     return load_folder(demo_folder)
@@ -46,7 +67,9 @@ def demo_pipeline(demo_folder: Path) -> VARPipeline:
 
 def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
     """Settings for tests: no warm-up unless asked (it is tested on its own), small limits, and the test
-    process's own thread count (a service sets torch's threads process-wide)."""
+    process's own thread count (a service sets torch's threads process-wide). Missing plans are not calibrated
+    unless asked: a service saves the plans it calibrates beside the checkpoint, and the session's folders are
+    shared by every test (those that calibrate serve a copy: `demo_without_plans`)."""
     values: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
         "model_dir": folder,
@@ -54,6 +77,7 @@ def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
         "warmup": False,
         "max_batch_size": 4,
         "max_wait_ms": 0,
+        "calibrate_missing_plans": False,
     }
     return ServeSettings(**(values | overrides))
 
@@ -66,11 +90,31 @@ def serving(settings: ServeSettings) -> Iterator[TestClient]:
 
 
 def wait_ready(client: TestClient, limit_s: float = 120) -> None:
+    """Until /readyz answers 200 and every variant serves (the service is ready once its default one does)."""
     end = time.monotonic() + limit_s
-    while (r := client.get("/readyz")).status_code != 200:
-        assert r.json()["status"] == "loading", r.json()
+    while not every_variant_ready(r := client.get("/readyz")):
+        assert r.json()["status"] in ("loading", "ready"), r.json()
+        failed = {name: v["error"] for name, v in r.json()["variants"].items() if v["state"] == "failed"}
+        assert not failed, f"variants failed to start: {failed}"
         assert time.monotonic() < end, "service not ready in time"
         time.sleep(0.02)
+
+
+def wait_until_settled(client: TestClient, limit_s: float = 120) -> None:
+    """Until the load failed, or every variant is ready or failed."""
+    end = time.monotonic() + limit_s
+    while not settled(client.get("/readyz").json()):
+        assert time.monotonic() < end, "variants still starting"
+        time.sleep(0.02)
+
+
+def settled(readyz: dict[str, Any]) -> bool:
+    variants = readyz.get("variants", {}).values()
+    return readyz["status"] == "failed" or all(v["state"] in ("ready", "failed") for v in variants)
+
+
+def every_variant_ready(readyz: Any) -> bool:
+    return bool(readyz.status_code == 200 and all(v["state"] == "ready" for v in readyz.json()["variants"].values()))
 
 
 POLICY = {"name": "whole"}  # the batching policy of engines that tests make; the `policy` fixture sets it
@@ -184,8 +228,10 @@ LiveServer = ServerProcess  # url, proc, log
 
 @contextmanager
 def live_server_process(folder: Path, log: Path, **env: str) -> Iterator[LiveServer]:
-    """`python -m app.serve` in a subprocess on a free 127.0.0.1 port, ready when entered; SIGTERM on exit."""
+    """`python -m app.serve` in a subprocess on a free 127.0.0.1 port, ready when entered; SIGTERM on exit.
+    Missing plans are not calibrated unless asked, as in `serve_settings`."""
     values = {"VAR_MODEL_DIR": str(folder), "VAR_WARMUP": "false", "VAR_MAX_BATCH_SIZE": "4", "OMP_NUM_THREADS": "1"}
+    values["VAR_CALIBRATE_MISSING_PLANS"] = "false"
     with launched(values | env, log) as server:
         yield server
 
@@ -200,13 +246,13 @@ def live_server(demo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def gated_load(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Loading the model waits (up to 30 s) until the returned event is set."""
     release = threading.Event()
-    real = service_module.load_model
+    real = service_module.load_checkpoint
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "load_model", slow_load)
+    monkeypatch.setattr(service_module, "load_checkpoint", slow_load)
     return release
 
 

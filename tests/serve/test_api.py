@@ -247,7 +247,8 @@ def test_models_and_model_info_name_the_model_without_its_path(client: TestClien
 
 def test_health_readiness_playground_and_openapi(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    ready = {"state": "ready", "doing": None, "progress": None, "error": None}
+    assert client.get("/readyz").json() == {"status": "ready", "variants": {"baseline": ready, "bf16": ready}}
     page = client.get("/")
     assert page.status_code == 200 and 'id="generate"' in page.text
     assert "/generate" in client.get("/openapi.json").json()["paths"]
@@ -282,7 +283,8 @@ def test_503_with_retry_after_until_loaded_and_warmed_up(demo_folder: Path, monk
         assert ready.status_code == 503 and ready.json()["status"] == "loading" and "retry-after" in ready.headers
         early = c.post("/generate", json={"class_label": 1})
         assert early.status_code == 503 and early.headers["retry-after"] == "5"
-        assert early.json()["detail"] == "not accepting requests: loading"
+        detail = "not accepting requests: loading (default variant baseline is waiting for the checkpoint to be read)"
+        assert early.json()["detail"] == detail
         assert 'var_rejections_total{reason="not_ready"} 1.0' in c.get("/metrics").text
         assert c.get("/models").status_code == 503
         loading.set()

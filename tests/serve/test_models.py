@@ -1,9 +1,9 @@
-"""Loading variants for the service: one window plan for the windowed ones (the checkpoint's, else a refusal
-unless calibrating at load is asked for), and a VQVAE shared only where the pipeline's decoder hook is plain."""
+"""Loading variants for the service: one window plan for the windowed ones (the checkpoint's, else one
+calibrated at load, or with that switched off a failed variant naming the command, the others serving), and a
+VQVAE shared only where the pipeline's decoder hook is plain."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -11,32 +11,64 @@ import torch
 from fastapi.testclient import TestClient
 
 import app.compress.calibrate
+from app.bench.prometheus_text import by_label
 from app.compress.attention import PlannedAttention
 from app.compress.plans import MissingWindowPlan, PlanOrigin
 from app.serve.app import create_app
 from app.serve.models import load_model
 from app.serve.service import compute_threads
 from tests.conftest import DEMO
-from tests.serve.conftest import serve_settings, serving
+from tests.serve.conftest import serve_settings, serving, wait_until_settled
 from tests.serve.test_metrics import scrape
 
 CPU = torch.device("cpu")
 
 
-def test_a_windowed_variant_without_a_saved_plan_refuses_to_load_naming_the_command(demo_folder: Path) -> None:
-    app = create_app(serve_settings(demo_folder, variants=["baseline", "windows"]))
-    with TestClient(app) as c:
-        while c.get("/readyz").json()["status"] == "loading":
-            time.sleep(0.01)
+def test_a_windowed_variant_without_a_saved_plan_fails_naming_the_command_while_the_others_serve(
+    demo_folder: Path,
+) -> None:
+    """Calibrating missing plans switched off: the windowed variant fails (MissingWindowPlan naming the command
+    that saves a plan), visibly, and the process stays alive and ready: the baseline serves."""
+    command = f"python -m app.compress calibrate --model {demo_folder}"
+    settings = serve_settings(demo_folder, variants=["baseline", "windows"], calibrate_missing_plans=False)
+    with TestClient(create_app(settings)) as c:
+        wait_until_settled(c)
+        assert c.get("/healthz").status_code == 200
+        ready = c.get("/readyz")
+        windows = ready.json()["variants"]["windows"]
+        assert ready.status_code == 200 and windows["state"] == "failed"
+        assert windows["error"].startswith(MissingWindowPlan.__name__) and command in windows["error"]
+        by_name = {v["name"]: v for v in c.get("/models").json()["variants"]}
+        assert by_name["windows"]["state"] == "failed" and by_name["windows"]["error"] == windows["error"]
+        assert by_name["windows"]["weight_bytes"] is None and by_name["baseline"]["state"] == "ready"
+        refused = c.post("/generate", json={"class_label": 1, "variant": "windows"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "60"
+        assert refused.json()["detail"].startswith("variant windows failed to start: MissingWindowPlan")
+        assert c.post("/generate", json={"class_label": 1}).status_code == 200
+        assert by_label(scrape(c), "var_variant_ready", "variant") == {"baseline": 1.0, "windows": 0.0}
+
+
+def test_a_default_variant_that_cannot_start_fails_the_load_naming_the_command(demo_folder: Path) -> None:
+    """Requests that name no variant could never be served: the process is not alive (it gets restarted)."""
+    settings = serve_settings(demo_folder, variants=["windows", "baseline"], calibrate_missing_plans=False)
+    with TestClient(create_app(settings)) as c:
+        wait_until_settled(c)
         health = c.get("/healthz")
-        assert health.status_code == 503
-        error = health.json()["error"]
-        assert error.startswith(MissingWindowPlan.__name__)
-        assert f"python -m app.compress calibrate --model {demo_folder}" in error
+        assert health.status_code == 503 and health.json()["reason"] == "load_failed"
+        assert health.json()["error"].startswith(MissingWindowPlan.__name__)
+        assert f"python -m app.compress calibrate --model {demo_folder}" in health.json()["error"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert ready.json()["variants"]["baseline"] == {
+            "state": "failed",
+            "doing": None,
+            "progress": None,
+            "error": "not started: the load failed",
+        }
 
 
-def test_calibrating_missing_plans_at_load_is_asked_for_and_reported(demo_folder: Path) -> None:
-    settings = serve_settings(demo_folder, variants=["baseline", "windows"], calibrate_missing_plans=True)
+def test_calibrating_missing_plans_at_load_is_reported(demo_without_plans: Path) -> None:
+    settings = serve_settings(demo_without_plans, variants=["baseline", "windows"], calibrate_missing_plans=True)
     with serving(settings) as c:
         by_name = {v["name"]: v for v in c.get("/models").json()["variants"]}
         assert by_name["windows"]["window_plan"] == "calibrated at load"

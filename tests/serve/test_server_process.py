@@ -33,7 +33,7 @@ import app.serve.service as service
 from app.serve.__main__ import main
 
 slow_batch_s, slow_load_s = float(sys.argv[1]), float(sys.argv[2])
-generate, load_model = pipeline.VARPipeline.generate, service.load_model
+generate, load_checkpoint = pipeline.VARPipeline.generate, service.load_checkpoint
 
 def slow_generate(self, *args, **kwargs):
     time.sleep(slow_batch_s)
@@ -41,10 +41,10 @@ def slow_generate(self, *args, **kwargs):
 
 def slow_load(*args, **kwargs):
     time.sleep(slow_load_s)
-    return load_model(*args, **kwargs)
+    return load_checkpoint(*args, **kwargs)
 
 pipeline.VARPipeline.generate = slow_generate
-service.load_model = slow_load
+service.load_checkpoint = slow_load
 sys.exit(main())
 """
 
@@ -173,8 +173,9 @@ def test_sigterm_under_load_answers_every_request_and_exits_within_the_grace(dem
 @pytest.mark.slow
 def test_sigterm_drains_accepted_work_then_exits(demo_folder: Path, tmp_path: Path) -> None:
     env = {"VAR_MAX_BATCH_SIZE": "1", "VAR_MAX_IMAGES_PER_REQUEST": "48", "VAR_DRAIN_GRACE_S": "120"}
-    # the default variants include litevar, and the random-weight folder has no window plan: calibrate it at load
-    env["VAR_CALIBRATE_MISSING_PLANS"] = "true"
+    # the random-weight folder has no plans, and the plans a service calibrates are saved beside the checkpoint,
+    # into a folder every test shares: the baseline alone, which takes none
+    env["VAR_VARIANTS"] = "baseline"
     with live_server_process(demo_folder, tmp_path / "server.log", **env) as server, ThreadPoolExecutor(1) as pool:
         body = {"class_label": 1, "num_images": 48, "top_k": 0, "top_p": 0}
         accepted = pool.submit(httpx.post, f"{server.url}/generate", json=body, timeout=300)
@@ -197,9 +198,9 @@ def test_server_answers_on_loopback(live_server: LiveServer) -> None:
 
 
 def test_a_server_that_cannot_load_says_why_at_once(demo_folder: Path, tmp_path: Path) -> None:
-    """A windowed variant of a folder without a window plan refuses to load; waiting for readiness stops at
-    the failure (not after the readiness time limit) with its cause."""
+    """A windowed default variant of a folder without a window plan, calibrating switched off, fails the load;
+    waiting for readiness stops at the failure (not after the readiness time limit) with its cause."""
     refusal = r"MissingWindowPlan: .*`python -m app\.compress calibrate --model "
-    windows = {"VAR_VARIANTS": "windows"}
+    windows = {"VAR_VARIANTS": "windows", "VAR_CALIBRATE_MISSING_PLANS": "false"}
     with pytest.raises(RuntimeError, match=refusal), live_server_process(demo_folder, tmp_path / "log", **windows):
         pass

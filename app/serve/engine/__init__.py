@@ -2,6 +2,7 @@
 
 engine.py        Engine: lifecycle, admission (backpressure, deadlines, cancellation), health
 lifecycle.py     the one lifecycle (loading, ready, draining, stopped, failed) and its Retry-After values
+variants.py      each variant's way to serving (loading, calibrating, warming, ready, failed) and its refusal
 requests.py      GenerationRequest, GenerationResult; Pending, an accepted request's rows
 errors.py        what a request can end in besides images (QueueFull, NotReady, Draining, DeadlineExceeded...)
 queue.py         RequestQueue: waiting rows and one future per request, behind methods; next_batch
@@ -25,10 +26,12 @@ from app.serve.engine.errors import (
     NotReady,
     QueueFull,
     UnknownVariant,
+    VariantNotReady,
 )
 from app.serve.engine.lifecycle import Lifecycle, Phase
 from app.serve.engine.policy import POLICIES, auto_policy
 from app.serve.engine.requests import GenerationRequest, GenerationResult
+from app.serve.engine.variants import VariantState, VariantStatus
 from app.serve.engine.watchdog import Unhealthy
 
 __all__ = [
@@ -48,6 +51,9 @@ __all__ = [
     "QueueFull",
     "Unhealthy",
     "UnknownVariant",
+    "VariantNotReady",
+    "VariantState",
+    "VariantStatus",
     "auto_policy",
     "within_deadline",
 ]

@@ -1,8 +1,8 @@
 """The engine: one per device. A bounded queue, dynamic batching, and one worker thread for the model.
 
-Here: the lifecycle (warm-up, start, drain, stop), admission (backpressure with Retry-After, deadlines,
-cancellation) and health. What the policies share, and how a request ends: `core.py`; when waiting images
-start: the `BatchingPolicy` (`policy.py`).
+Here: the lifecycle (start, variants added while serving, drain, stop), admission (backpressure with
+Retry-After, deadlines, cancellation, variants not ready yet) and health. What the policies share, and how a
+request ends: `core.py`; when waiting images start: the `BatchingPolicy` (`policy.py`).
 
 The event loop owns the queue and every future; the worker thread only runs the pipeline, so the loop stays
 responsive while it computes. A batch's result or exception is set only on the futures of its own requests.
@@ -24,17 +24,17 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
-from app.model.sampling import SamplingParams
 from app.serve.engine.core import EngineCore, Fault
-from app.serve.engine.errors import BatchFailed, DeadlineExceeded, Draining, QueueFull, UnknownVariant
+from app.serve.engine.errors import BatchFailed, DeadlineExceeded, Draining, NotReady, QueueFull, UnknownVariant
 from app.serve.engine.lifecycle import DRAINING_RETRY_AFTER_S, Lifecycle, Phase
 from app.serve.engine.policy import make_policy
 from app.serve.engine.requests import GenerationRequest, GenerationResult, Pending
+from app.serve.engine.variants import VariantStatus
 from app.serve.engine.watchdog import Unhealthy
-from app.serve.engine.worker import Pipeline, compute
+from app.serve.engine.worker import Pipeline
 from app.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,12 @@ class Engine:
         policy: str = "whole",
         overlap_decode: bool = False,
         lifecycle: Lifecycle | None = None,
+        variants: Mapping[str, VariantStatus] | None = None,
     ):
         self.policy = policy
+        # every configured variant, those still starting or failed included (their requests are refused
+        # naming why); None: just the pipelines given
+        self.variants = variants or {}
         self.queue_capacity = queue_capacity
         self.lifecycle = lifecycle or Lifecycle()  # the service's, when it has one
         metrics = metrics or ServeMetrics(list(pipelines), max_batch_size, queue_capacity)
@@ -70,12 +74,15 @@ class Engine:
         self.batching = make_policy(policy, core, overlap_decode)
         self._scheduler: asyncio.Task[None] | None = None
         for name in core.pipelines:
-            metrics.watch_queue(
-                name,
-                functools.partial(core.requests.rows_waiting, name),
-                functools.partial(self.batching.rows_in_flight, name),
-            )
+            self._watch(name)
         metrics.batch_limit.set_function(lambda: core.limit.current)
+
+    def _watch(self, name: str) -> None:
+        self.metrics.watch_queue(
+            name,
+            functools.partial(self.core.requests.rows_waiting, name),
+            functools.partial(self.batching.rows_in_flight, name),
+        )
 
     @property
     def pipelines(self) -> dict[str, Pipeline]:
@@ -94,19 +101,6 @@ class Engine:
         return self.core.requests.rows_waiting()
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    async def warm_up(self, batch_sizes: Sequence[int], params: SamplingParams) -> None:
-        """Run every variant at every batch size in the worker thread: allocator, kernels, page-in.
-        Stops early once a drain begins (a shutdown during warm-up)."""
-        for name, pipe in self.pipelines.items():
-            t0 = time.monotonic()
-            for bs in batch_sizes:
-                if self.lifecycle.phase is not Phase.LOADING:
-                    return
-                out = await self.core.in_worker(compute, pipe, [0] * bs, [params] * bs, list(range(bs)))
-                # the memory a batch of each size needs is known before the first request
-                self.metrics.record_memory(name, out.kv_cache_bytes, out.peak_bytes)
-            log.info("warmed up %s at batch sizes %s in %.1f s", name, list(batch_sizes), time.monotonic() - t0)
-
     def start(self) -> None:
         """Start taking requests; once only, and never after a drain or stop."""
         if self.lifecycle.phase is not Phase.LOADING:
@@ -114,6 +108,16 @@ class Engine:
         self._scheduler = asyncio.get_running_loop().create_task(self.batching.run(), name="var-engine-scheduler")
         self._scheduler.add_done_callback(self._scheduler_ended)
         self.lifecycle.move(Phase.READY)
+
+    async def add_variant(self, name: str, pipeline: Pipeline) -> None:
+        """Serve `name` from now on: a variant that finished starting while the engine serves others (its
+        warm-up done). What the policy holds for it (the scale policy's KV pool) exists before its first
+        request is admitted."""
+        if name in self.pipelines:
+            raise ValueError(f"variant {name} is already served")
+        await self.batching.add_variant(name, pipeline)
+        self.core.pipelines[name] = pipeline
+        self._watch(name)
 
     async def drain(self, grace_s: float) -> int:
         """Refuse new requests, give accepted ones grace_s to finish; fail what is left. Returns how many."""
@@ -177,7 +181,7 @@ class Engine:
         if (refusal := self.lifecycle.refusal(problem.detail if problem else None)) is not None:
             raise refusal
         if request.variant not in self.pipelines:
-            raise UnknownVariant(request.variant, list(self.pipelines))
+            raise self._not_served(request.variant)
         queued = self.queued_images()
         if queued + request.num_images > self.queue_capacity:
             retry = math.ceil((queued / self.core.limit.current + 1) * self.batching.generation_s())
@@ -187,6 +191,12 @@ class Engine:
         # accepted requests only: a refusal above is counted by its reason
         self.metrics.images_per_request.labels(request.variant).observe(request.num_images)
         return pending, self.core.requests.add(pending)
+
+    def _not_served(self, variant: str) -> NotReady | UnknownVariant:
+        """Why a request for `variant` cannot be queued: it is still starting or failed, or it is no variant."""
+        status = self.variants.get(variant)
+        refusal = status.refusal() if status is not None else None
+        return refusal if refusal is not None else UnknownVariant(variant, list(self.pipelines))
 
 
 async def within_deadline(result: GenerationResult, work: Awaitable[T]) -> T:

@@ -26,6 +26,15 @@ class NotReady(NotAccepting):
     """Loading, warming up, unhealthy, or the load failed."""
 
 
+class VariantNotReady(NotReady):
+    """The service serves, but not this variant yet (it is calibrating, warming up...) or not at all (it failed
+    to start); `why` says which, for the answer."""
+
+    def __init__(self, variant: str, why: str, retry_after_s: int):
+        EngineError.__init__(self, f"variant {variant} {why}")
+        self.retry_after_s = retry_after_s
+
+
 class Draining(NotAccepting):
     """Shutting down, or stopped."""
 

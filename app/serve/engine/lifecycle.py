@@ -16,6 +16,10 @@ LOADING_RETRY_AFTER_S = 5  # a load takes seconds
 DRAINING_RETRY_AFTER_S = 1  # a draining process has a replacement (or nothing) behind it
 UNHEALTHY_RETRY_AFTER_S = 30  # a stuck engine needs a restart, which its /healthz 503 asks for
 FAILED_RETRY_AFTER_S = 60  # a failed load does not heal: only a restart helps
+# a variant still starting: its estimate of the time left, within these bounds (a client that needs it polls
+# at least once a minute; a calibration's first estimate is rough)
+VARIANT_RETRY_AFTER_MIN_S = LOADING_RETRY_AFTER_S
+VARIANT_RETRY_AFTER_MAX_S = 60
 
 
 class Phase(StrEnum):

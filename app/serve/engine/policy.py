@@ -10,6 +10,7 @@ from app.serve.engine.core import EngineCore
 from app.serve.engine.scale_batching import ScaleBatching
 from app.serve.engine.watchdog import Unhealthy
 from app.serve.engine.whole_batching import WholeBatching
+from app.serve.engine.worker import Pipeline
 
 POLICIES = ("whole", "scale")
 # `auto` picks `scale` for a transformer at least this wide (the released d16..d36 are 1024..2304), where it
@@ -20,6 +21,9 @@ SCALE_FROM_EMBED_DIM = 1024
 class BatchingPolicy(Protocol):
     async def run(self) -> None:
         """The scheduler: forever, take waiting rows, compute them, hand back what came out."""
+
+    async def add_variant(self, name: str, pipeline: Pipeline) -> None:
+        """Prepare for a variant added while serving; the engine admits its requests once this returns."""
 
     def close(self) -> None:
         """Release what the policy holds beyond the core (threads); the scheduler has stopped."""

@@ -37,7 +37,7 @@ from app.model.timing import Stage, StageTimer
 from app.serve.engine.core import EngineCore
 from app.serve.engine.requests import BatchRow, row_inputs
 from app.serve.engine.watchdog import Unhealthy, Watchdog
-from app.serve.engine.worker import BatchOutput, out_of_memory
+from app.serve.engine.worker import BatchOutput, Pipeline, out_of_memory
 
 
 @dataclass(eq=False)
@@ -92,6 +92,12 @@ class ScaleBatching:
 
     def health(self) -> Unhealthy | None:
         return self.decode_watchdog.check()
+
+    async def add_variant(self, name: str, pipeline: Pipeline) -> None:
+        """Its KV pool, allocated off the event loop (hundreds of MiB for a large model)."""
+        pool = await asyncio.to_thread(pipeline.new_pool, self.core.max_batch_size)
+        self.pools[name] = pool
+        self.core.metrics.record_memory(name, pool.nbytes(), None)
 
     def close(self) -> None:
         if self._decoder is not None:

@@ -16,7 +16,7 @@ from app.model.sampling import SamplingParams
 from app.serve.engine.core import EngineCore
 from app.serve.engine.requests import BatchRow, requests_of, row_inputs
 from app.serve.engine.watchdog import Unhealthy
-from app.serve.engine.worker import BatchOutput, compute, out_of_memory
+from app.serve.engine.worker import BatchOutput, Pipeline, compute, out_of_memory
 
 
 class WholeBatching:
@@ -34,6 +34,9 @@ class WholeBatching:
 
     def health(self) -> Unhealthy | None:
         return None  # its one thread is the core's worker, under the core's watchdog
+
+    async def add_variant(self, name: str, pipeline: Pipeline) -> None:
+        self.inflight[name] = 0
 
     def close(self) -> None:
         pass  # it holds nothing beyond the core

@@ -48,16 +48,22 @@ GENERATE: Responses = {
     422: _error("invalid field: each error names the field and the limit", ValidationErrorBody),
     429: _error("queue full", headers=RETRY_AFTER),
     500: _error("generation failed or gave non-finite pixels", FailureBody),
-    503: _error("loading, draining, failed load or unhealthy engine", headers=RETRY_AFTER),
+    503: _error(
+        "loading, draining, failed load or unhealthy engine; or the variant asked for is still starting (the "
+        "answer names what it waits for) or failed to start",
+        headers=RETRY_AFTER,
+    ),
     504: _error("timeout_s passed (encoding included); images not started were never computed"),
 }
-MODELS: Responses = {503: _error("not loaded yet, draining, or the load failed", headers=RETRY_AFTER)}
+MODELS: Responses = {
+    503: _error("the checkpoint not read yet, draining, or the load failed before reading it", headers=RETRY_AFTER)
+}
 HEALTHZ: Responses = {
     200: {"model": HealthBody, "description": "alive"},
     503: {"model": HealthBody, "description": "the model failed to load or the engine is stuck: restart the process"},
 }
 READYZ: Responses = {
-    200: {"model": HealthBody, "description": "loaded, warmed up and accepting"},
+    200: {"model": HealthBody, "description": "the default variant serves; each variant's state in `variants`"},
     503: {"model": HealthBody, "description": "loading, draining, unhealthy or failed", "headers": RETRY_AFTER},
 }
 METRICS: Responses = {

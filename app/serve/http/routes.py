@@ -49,7 +49,11 @@ class Backend(Protocol):
     def health(self) -> Unhealthy | None: ...
 
     def describe(self) -> dict[str, Any]:
-        """GET /models."""
+        """GET /models, or NotAccepting (503) while there is nothing to describe yet (or any more)."""
+        ...
+
+    def variant_states(self) -> dict[str, dict[str, Any]]:
+        """Per variant: its state, what it does, its progress, its error."""
         ...
 
 
@@ -156,8 +160,8 @@ def server_timing(t: Timings) -> str:
 
 @router.get("/models", responses=openapi.MODELS)
 async def models(service: ServiceDep) -> dict[str, Any]:
-    """Every loaded variant (passes, weight bytes), the classes, the sampling defaults and the limits."""
-    service.ready_engine()  # 503 until loaded
+    """Every configured variant (its state and progress while it starts, its error if it failed; passes,
+    weight bytes), the classes, the sampling defaults and the limits. 503 until the checkpoint is read."""
     return service.describe()
 
 
@@ -173,15 +177,17 @@ async def healthz(service: ServiceDep) -> Response:
 
 @ops_router.get("/readyz", responses=openapi.READYZ)
 async def readyz(service: ServiceDep) -> Response:
-    """200 once loaded, compressed and warmed up; 503 while loading, draining, unhealthy or after a failed load."""
+    """200 once the default variant serves (the other variants may still be starting, or have failed: each
+    one's state is in the body); 503 while loading, draining, unhealthy or after a failed load."""
     problem, life = service.health(), service.lifecycle
+    variants = service.variant_states()
     if life.phase is Phase.READY and problem is None:
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "variants": variants})
     body = {"status": life.phase.value, "error": life.error}
     if problem is not None:
         body = {"status": problem.status, "error": problem.detail}
     retry_after_s = life.retry_after_s(problem.detail if problem else None)
-    return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry_after_s)})
+    return JSONResponse(body | {"variants": variants}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
 @ops_router.get("/metrics", response_class=Response, responses=openapi.METRICS)

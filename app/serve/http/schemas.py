@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict
 
+from app.serve.engine.variants import VariantState
+
 SEED_MAX = 2**53 - 1  # the largest integer a JSON number carries exactly in every client (JavaScript included)
 CFG_MAX = 100.0
 # The shortest deadline a request may set (docs/serving.md#deadlines). timeout_s runs from admission to the
@@ -123,7 +125,25 @@ class ValidationErrorBody(BaseModel):
     detail: list[FieldError] = Field(description="every violation at once")
 
 
+class ProgressBody(BaseModel):
+    step: int = Field(description="the step in progress, from 1")
+    steps: int
+    fraction: float = Field(description="share of the work done, 0 to 1 (steps weighted by their cost)")
+    elapsed_s: float
+    left_s: float | None = Field(description="estimate of the seconds left; null before a first step is done")
+
+
+class VariantStateBody(BaseModel):
+    state: VariantState
+    doing: str | None = Field(description="what it does or waits for, while it starts")
+    progress: ProgressBody | None = Field(description="while it calibrates or warms up")
+    error: str | None = Field(description="why it failed")
+
+
 class HealthBody(BaseModel):
     status: str = Field(description="alive, ready, or why not: loading, draining, failed...")
     reason: str | None = Field(default=None, description="why the process should be restarted")
     error: str | None = Field(default=None, description="the cause, when there is one")
+    variants: dict[str, VariantStateBody] | None = Field(
+        default=None, description="/readyz: each configured variant's state; a variant serves once ready"
+    )
