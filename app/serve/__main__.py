@@ -66,6 +66,7 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
         # connection limits (docs/serving.md#connections): h11, which bounds the request line and headers, with
         # a deadline for them; no WebSocket; beyond the connection limit uvicorn answers 503

@@ -35,6 +35,7 @@ from app.serve.engine import (
     auto_policy,
 )
 from app.serve.engine.lifecycle import LOADING_RETRY_AFTER_S
+from app.serve.engine.threads import in_own_thread
 from app.serve.http.encoding import MEDIA_TYPES
 from app.serve.http.limits import Limits
 from app.serve.http.schemas import CFG_MAX, SEED_MAX
@@ -46,12 +47,15 @@ from app.serve.startup import Startup, StartupSettings
 log = logging.getLogger(__name__)
 
 
-def compute_threads(setting: int, available: int) -> int:
-    """Torch's CPU threads: the setting, or with 0 all but one of the `available` threads (torch's default,
-    which follows OMP_NUM_THREADS, as Ray sets it per replica), at least one. The event loop, the HTTP parser
-    and the image encoder need a core of their own: with every core computing, OpenMP's threads wait at their
-    barriers for one that the encoder has preempted (measured in docs/benchmarks.md, "Serving")."""
-    return setting or max(1, available - 1)
+def set_torch_threads(setting: int) -> None:
+    """Torch's CPU threads: the setting, or with 0 torch's default, every CPU this process may use (it follows
+    OMP_NUM_THREADS, which Ray sets to a replica's num_cpus, and the CPU affinity, which `taskset` and container
+    CPU sets give). The event loop, the HTTP parser and the encoder take little beside a generation, and the one
+    OpenMP team (`engine/threads.py`) keeps the worker's threads fast while they run: on 2 cores, 2 threads
+    served a lone request 1.2-1.7x faster and 16 clients 1.4-1.7x more images per second than 1 thread
+    (docs/benchmarks.md, "Serving")."""
+    if setting:
+        torch.set_num_threads(setting)
 
 
 class Service:
@@ -83,12 +87,12 @@ class Service:
     async def _load(self) -> None:
         s = self.settings
         try:
-            torch.set_num_threads(compute_threads(s.torch_threads, torch.get_num_threads()))
+            set_torch_threads(s.torch_threads)
             if s.cpu_isa:  # the kernel table reads it from the environment (app/compress/hardware.py)
                 os.environ[ISA_ENV] = s.cpu_isa
             self._t0 = time.monotonic()
             device = resolve_device(s.device)
-            self.model = model = await asyncio.to_thread(load_checkpoint, s.model_dir, device)
+            self.model = model = await in_own_thread(load_checkpoint, s.model_dir, device)
             if self._drain_began("loading"):
                 self._not_started("the service is shutting down")
                 return

@@ -35,8 +35,8 @@ class ServeSettings(BaseSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="CPU threads for torch (0: torch's default less one, at least 1; the spare core serves HTTP "
-        "and encodes)",
+        description="CPU threads for torch (0: torch's default, every CPU the process may use: OMP_NUM_THREADS, "
+        "the CPU affinity)",
     )
     cpu_isa: str = Field(
         default="",
@@ -84,6 +84,11 @@ class ServeSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     log_level: str = Field(default="info", description="uvicorn and app log level")
+    access_log: bool = Field(
+        default=False,
+        description="uvicorn's log line per request (off: /metrics counts every answer by variant and status; a "
+        "line per request was a fifth of a refusal's CPU under overload)",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default=[],
         description=f"comma-separated keys that may call the API (sent as Authorization: Bearer KEY, or X-API-Key: "

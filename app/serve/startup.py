@@ -20,7 +20,6 @@ first (the service is ready once it serves), then the variants whose plans are t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +40,7 @@ from app.compress.registry import PlanKind
 from app.model.pipeline import VARPipeline
 from app.model.progress import Cancelled, Progress, heartbeat
 from app.serve.engine import VariantState, VariantStatus
+from app.serve.engine.threads import in_own_thread
 from app.serve.metrics import ServeMetrics
 from app.serve.models import ServedModel, ServedVariant, build_variant
 from app.serve.warmup import warm_up, warmup_batch_sizes
@@ -124,7 +124,7 @@ class Startup:
         plans = await self._plans_for(name, status)
         status.move(VariantState.LOADING, "applying its passes")
         alone = len(self.specs) == 1  # then the checkpoint's own pipeline becomes the variant
-        variant = await asyncio.to_thread(build_variant, self.model, name, plans, alone=alone)
+        variant = await in_own_thread(build_variant, self.model, name, plans, alone=alone)
         if self.settings.warmup:
             await self._warm_up(variant, status)
         if not self.running():
@@ -169,7 +169,7 @@ class Startup:
         status.move(VariantState.CALIBRATING, f"calibrating its {what}", progress)
         try:
             with heartbeat(progress, log.info):
-                plans = await asyncio.to_thread(calibrated, self._base(), kinds, CALIBRATION, progress)
+                plans = await in_own_thread(calibrated, self._base(), kinds, CALIBRATION, progress)
         except Exception as error:
             if not isinstance(error, Cancelled):
                 self.plan_errors |= dict.fromkeys(kinds, error)  # the other variants that take them fail alike
@@ -177,7 +177,7 @@ class Startup:
         log.info("calibrated the %s in %.1f s", what, progress.elapsed_s)
         self.plans = self.plans.merged(plans)
         status.move(VariantState.LOADING, f"saving its {what} beside the checkpoint")
-        await asyncio.to_thread(self._save, plans)
+        await in_own_thread(self._save, plans)
 
     def _base(self) -> VARPipeline:
         assert self.model.base is not None, "released only once every variant has started"
@@ -205,7 +205,7 @@ class Startup:
         status.move(VariantState.WARMING, f"{compiling}warming up (batch sizes {sizes})", progress)
         log.info("%s", progress.task)
         with heartbeat(progress, log.info):
-            outputs = await asyncio.to_thread(warm_up, variant.pipeline, sizes, m.defaults, progress)
+            outputs = await in_own_thread(warm_up, variant.pipeline, sizes, m.defaults, progress)
         for out in outputs:  # the memory of the warmed batch sizes is known before the first request
             self.metrics.record_memory(variant.name, out.kv_cache_bytes, out.peak_bytes)
         log.info("warmed up %s at batch sizes %s in %.1f s", variant.name, sizes, progress.elapsed_s)

@@ -16,7 +16,6 @@ from app.compress.attention import PlannedAttention
 from app.compress.plans import MissingWindowPlan, PlanOrigin
 from app.serve.app import create_app
 from app.serve.models import load_model
-from app.serve.service import compute_threads
 from tests.conftest import DEMO
 from tests.serve.conftest import serve_settings, serving, wait_until_settled
 from tests.serve.test_metrics import scrape
@@ -120,7 +119,12 @@ def test_only_a_plain_decoder_hook_shares_the_vqvae(demo_folder: Path) -> None:
     assert compiled.weight_bytes > bf16.weight_bytes
 
 
-def test_the_server_computes_on_every_thread_but_one_unless_told() -> None:
-    for available, threads in ((16, 15), (2, 1), (1, 1)):
-        assert compute_threads(0, available) == threads, available
-    assert compute_threads(3, 16) == 3  # a setting wins
+def test_the_server_computes_on_torchs_default_threads_unless_told(demo_folder: Path) -> None:
+    default = torch.get_num_threads()
+    try:
+        with serving(serve_settings(demo_folder, torch_threads=0)) as client:
+            assert client.get("/models").json()["torch_threads"] == default  # every CPU torch may use
+        with serving(serve_settings(demo_folder, torch_threads=1)) as client:
+            assert client.get("/models").json()["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(default)

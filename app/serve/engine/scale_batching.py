@@ -36,6 +36,7 @@ from app.model.rollout import Rollout
 from app.model.timing import Stage, StageTimer
 from app.serve.engine.core import EngineCore
 from app.serve.engine.requests import BatchRow, row_inputs
+from app.serve.engine.threads import in_own_thread
 from app.serve.engine.watchdog import Unhealthy, Watchdog
 from app.serve.engine.worker import BatchOutput, Pipeline, out_of_memory
 
@@ -95,7 +96,7 @@ class ScaleBatching:
 
     async def add_variant(self, name: str, pipeline: Pipeline) -> None:
         """Its KV pool, allocated off the event loop (hundreds of MiB for a large model)."""
-        pool = await asyncio.to_thread(pipeline.new_pool, self.core.max_batch_size)
+        pool = await in_own_thread(pipeline.new_pool, self.core.max_batch_size)
         self.pools[name] = pool
         self.core.metrics.record_memory(name, pool.nbytes(), None)
 
