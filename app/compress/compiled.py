@@ -36,9 +36,10 @@ tests/compress/test_compiled.py), not by construction as with `compiled_step`.
 from __future__ import annotations
 
 import functools
+import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -47,6 +48,9 @@ from app.compress.quantize import Int8Linear
 from app.model.kv_cache import ScaleStep
 from app.model.pipeline import VARPipeline
 from app.model.row_stable import MIN_ROWS
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 GRAPHS_PER_SCALE = 4  # first batch size, symbolic batch, and the row-padding branch of small GEMMs
 # Dynamo's recompilation budgets are process-wide; `configure_dynamo` sets them once, to fixed values.
@@ -89,16 +93,36 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
     return types.MethodType(twin, method.__self__)
 
 
-@functools.cache
+_dynamo_configured = threading.local()
+
+
 def configure_dynamo() -> None:
-    """Set Dynamo's process-wide recompilation budgets, once (the first compiled pipeline calls this)."""
+    """Set Dynamo's recompilation budgets for this thread, once. Dynamo's settings are per thread (a value set
+    in one thread reads as the default in the others), and a compiled function compiles in the thread that
+    calls it (the engine's worker, a warm-up thread), so every compiled function sets them where it runs
+    (`with_dynamo_budgets`): with the default budget of 8, a step compiled at batch sizes 1, 2 and 8 ran its
+    last shapes eagerly once served."""
+    if getattr(_dynamo_configured, "done", False):
+        return
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT  # counted per code object
     torch._dynamo.config.accumulated_recompile_limit = ACCUMULATED_RECOMPILE_LIMIT  # counted over the process
+    _dynamo_configured.done = True
+
+
+def with_dynamo_budgets(compiled: Callable[P, T]) -> Callable[P, T]:
+    """`compiled` (a torch.compile'd function), which sets Dynamo's budgets in the calling thread first."""
+
+    @functools.wraps(compiled)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        configure_dynamo()
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def _compile(method: Callable[..., Any]) -> Callable[..., Any]:
     guards: Callable[..., Any] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    return torch.compile(own_code(method), options={"guard_filter_fn": guards})
+    return with_dynamo_budgets(torch.compile(own_code(method), options={"guard_filter_fn": guards}))
 
 
 def _under(settings: dict[str, Any], fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.compress.compiled import configure_dynamo
+from app.compress.compiled import with_dynamo_budgets
 from app.compress.decoder import PackedConv, PrepackedConv2d, bf16_vqvae, conv_input_shapes
 from app.compress.hardware import int8_conv_native
 from app.model.pipeline import VARPipeline
@@ -48,7 +48,7 @@ def _quantize(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor
 
 
 # dynamic=False: one graph per activation shape (a decoder has a dozen), scales are tensors so never baked in
-quantize = torch.compile(_quantize, dynamic=False, fullgraph=True)
+quantize = with_dynamo_budgets(torch.compile(_quantize, dynamic=False, fullgraph=True))
 
 
 def input_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -203,7 +203,6 @@ def convert_decoder(vqvae: VQVAE, f_hat: torch.Tensor, min_macs: int = 0) -> Non
             module.__class__ = Int8ResnetBlock
         elif type(module) is Upsample2x and isinstance(module.conv, Int8Conv2d):
             module.__class__ = Int8Upsample2x
-    configure_dynamo()  # room for the quantization kernels' graphs, one per activation shape
 
 
 def calibration_latents(pipe: VARPipeline, images: int) -> torch.Tensor:

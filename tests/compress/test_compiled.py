@@ -4,6 +4,7 @@ in one process."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from app.compress.compiled import (
     autotuned_step,
     compiled_step,
     graph_batch_sizes,
+    with_dynamo_budgets,
 )
 from app.compress.guidance import guidance_off_last
 from app.compress.quantize import quantize_linears
@@ -86,6 +88,23 @@ def test_compiling_fills_the_pipeline_hooks_and_fixed_budgets_leaving_modules_un
         assert not any("forward" in vars(m) for m in (*pipe.var.modules(), *pipe.vqvae.modules()))
     assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     assert torch._dynamo.config.accumulated_recompile_limit == ACCUMULATED_RECOMPILE_LIMIT
+
+
+def test_a_compiled_function_sets_dynamos_budgets_in_the_thread_that_calls_it() -> None:
+    """Dynamo's settings are per thread; the service compiles in its worker and warm-up threads, never in the
+    thread that built the variant."""
+    read = with_dynamo_budgets(
+        lambda: (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit)
+    )
+    seen: list[tuple[int, int]] = []
+    bare = threading.Thread(target=lambda: seen.append(config.recompile_limit))
+    bare.start()
+    bare.join()
+    assert seen == [8]  # Dynamo's default in a new thread, whatever this one set
+    worker = threading.Thread(target=lambda: seen.append(read()))
+    worker.start()
+    worker.join()
+    assert seen[1] == (RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT)
 
 
 def test_compiled_step_refuses_packed_int8_layers(small: VARPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
