@@ -93,10 +93,9 @@ def test_compiling_fills_the_pipeline_hooks_and_fixed_budgets_leaving_modules_un
 def test_a_compiled_function_sets_dynamos_budgets_in_the_thread_that_calls_it() -> None:
     """Dynamo's settings are per thread; the service compiles in its worker and warm-up threads, never in the
     thread that built the variant."""
-    read = with_dynamo_budgets(
-        lambda: (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit)
-    )
-    seen: list[tuple[int, int]] = []
+    config = torch._dynamo.config
+    read = with_dynamo_budgets(lambda: (config.recompile_limit, config.accumulated_recompile_limit))
+    seen: list[object] = []
     bare = threading.Thread(target=lambda: seen.append(config.recompile_limit))
     bare.start()
     bare.join()
