@@ -52,7 +52,7 @@ def set_torch_threads(setting: int) -> None:
     OMP_NUM_THREADS, which Ray sets to a replica's num_cpus, and the CPU affinity, which `taskset` and container
     CPU sets give). The event loop, the HTTP parser and the encoder take little beside a generation, and the one
     OpenMP team (`engine/threads.py`) keeps the worker's threads fast while they run: on 2 cores, 2 threads
-    served a lone request 1.2-1.7x faster and 16 clients 1.4-1.7x more images per second than 1 thread
+    served a lone request 1.1-1.3x faster and 16 clients 1.4-1.7x more images per second than 1 thread
     (docs/benchmarks.md, "Serving")."""
     if setting:
         torch.set_num_threads(setting)

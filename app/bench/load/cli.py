@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--url", type=loopback_url, help=f"load this running server (http://{LOOPBACK}:PORT only)")
     ap.add_argument("--model-dir", type=Path, default=Path("model_store/demo"), help="of the started server")
     ap.add_argument("--variants", default="baseline,litevar", help="comma-separated; the requests spread over them")
-    ap.add_argument("--torch-threads", type=int, default=1, help="of the started server; the tool takes a core too")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="of the started server (0: its default, every CPU; the tool takes little)")  # fmt: skip
     ap.add_argument("--set", type=key_value, action="append", default=[], metavar="VAR_NAME=VALUE",
                     help="a further setting of the started server (repeatable)")  # fmt: skip
     ap.add_argument("--server-log", type=Path, help="where the started server's output goes")
@@ -96,9 +97,10 @@ def target(a: argparse.Namespace) -> Iterator[tuple[str, int | None, Any]]:
         wait_ready(a.url, limit_s=a.ready_limit_s)
         yield a.url, None, None
         return
-    threads = str(a.torch_threads)
     env = {"VAR_MODEL_DIR": str(a.model_dir), "VAR_VARIANTS": ",".join(a.variant_list)}
-    env |= {"VAR_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads} | dict(a.set)
+    if a.torch_threads:
+        env |= {"VAR_TORCH_THREADS": str(a.torch_threads), "OMP_NUM_THREADS": str(a.torch_threads)}
+    env |= dict(a.set)
     with launched(env, a.server_log, ready_limit_s=a.ready_limit_s) as server:
         yield server.url, server.proc.pid, server.proc
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app.model.kv_cache import KVLease, KVPool
@@ -76,7 +75,10 @@ class ScaleBatching:
 
     def __init__(self, core: EngineCore, overlap_decode: bool = False):
         self.core = core
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="var-decode") if overlap_decode else None
+        self.overlap_decode = overlap_decode
+        # one decode at a time, each in a thread of its own that ends with it (`threads.in_own_thread`): a
+        # decode thread that lived on would keep a second OpenMP team, which throttles the worker's
+        self._decode_turn = asyncio.Lock()
         self.decode_watchdog = Watchdog(core.watchdog.floor_s)  # a decode stuck in its thread is unhealthy too
         self._decoding: set[asyncio.Task[None]] = set()
         self.pools: dict[str, KVPool] = {
@@ -101,8 +103,8 @@ class ScaleBatching:
         self.core.metrics.record_memory(name, pool.nbytes(), None)
 
     def close(self) -> None:
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
+        for task in self._decoding:  # waiting for its turn, or for its thread (which ends by itself)
+            task.cancel()
 
     def rows_in_flight(self, variant: str | None = None) -> int:
         return sum(len(c.rows) for c in self.flight if variant is None or c.variant == variant)
@@ -211,7 +213,7 @@ class ScaleBatching:
         for c in self.flight:
             if c in failed or not _rollout(c).done:
                 continue
-            if self._decoder is not None:
+            if self.overlap_decode:
                 _rollout(c).release()  # the decode needs only the latent
                 outcome.to_decode.append(c)
             else:
@@ -269,10 +271,10 @@ class ScaleBatching:
 
     async def _decode(self, cohort: Cohort) -> None:
         """A finished cohort's images, decoded in the decode thread while the next step runs."""
-        assert self._decoder is not None
         timer = StageTimer(self.core.pipelines[cohort.variant].device)
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._decoder, self._watched_images, cohort, timer)
+            async with self._decode_turn:
+                out = await in_own_thread(self._watched_images, cohort, timer)
         except Exception as error:
             await self._failed(cohort, error)
             return
