@@ -112,7 +112,7 @@ def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureF
     args = ["load", "--model-dir", str(DEMO), "--variants", "baseline,litevar", "--server-log", str(log)]
     args += ["--set", "VAR_MAX_BATCH_SIZE=4", "--set", "VAR_QUEUE_CAPACITY=8", "--set", "VAR_MAX_IMAGES_PER_REQUEST=4"]
     args += ["--capacity-requests", "16"]
-    args += ["--duration", "10", "--timeout-s", "5", "--short-timeout-s", "0.5", "--grace-s", "5"]
+    args += ["--duration", "10", "--timeout-s", "5", "--short-timeout-s", "1", "--grace-s", "5"]
     args += ["--invalid-share", "0.15", "--cancel-share", "0.15", "--rss-interval-s", "0.25", "--json", str(out)]
     t0 = time.monotonic()
     status = bench_main(args)

@@ -101,6 +101,7 @@ def test_the_server_log_never_holds_a_key(demo_folder: Path, tmp_path: Path) -> 
     log = tmp_path / "server.log"
     wrong = "wrong-key-but-long-enough-0123"
     env = {"VAR_API_KEYS": f"{KEY},{OTHER_KEY}", "VAR_LOG_LEVEL": "debug", "VAR_VARIANTS": "baseline"}
+    env["VAR_ACCESS_LOG"] = "true"  # off by default
     with live_server_process(demo_folder, log, **env) as server:
         for headers in (bearer(KEY), {"X-API-Key": OTHER_KEY}, bearer(wrong), {"X-API-Key": wrong}):
             httpx.get(f"{server.url}/models", headers=headers, timeout=30)
