@@ -270,7 +270,7 @@ class ScaleBatching:
             await self._failed(cohort, error)
 
     async def _decode(self, cohort: Cohort) -> None:
-        """A finished cohort's images, decoded in the decode thread while the next step runs."""
+        """A finished cohort's images, decoded in a thread of its own while the next step runs."""
         timer = StageTimer(self.core.pipelines[cohort.variant].device)
         try:
             async with self._decode_turn:
