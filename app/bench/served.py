@@ -140,7 +140,7 @@ def threaded(runner: Runner, threads: int) -> Runner:
     return run
 
 
-def offline(a: argparse.Namespace, variant: str, max_batch: int, params: SamplingParams) -> list[Offline]:
+def measure_offline(a: argparse.Namespace, variant: str, max_batch: int, params: SamplingParams) -> list[Offline]:
     """The variant offline at every thread count of `a.thread_counts`, in turns."""
     base = load_folder(a.model_dir).to(a.device)
     # the plans the server loads: those saved beside the checkpoint (it calibrates none unless told to)
@@ -156,7 +156,9 @@ def offline(a: argparse.Namespace, variant: str, max_batch: int, params: Samplin
     ]
 
 
-def served(a: argparse.Namespace, url: str, variant: str, params: SamplingParams) -> tuple[Served, Served, float]:
+def measure_served(
+    a: argparse.Namespace, url: str, variant: str, params: SamplingParams
+) -> tuple[Served, Served, float]:
     """Latency at concurrency 1 and images per second at `a.concurrency`, our client's rounds alternating with
     hey's; and the mean batch size of our client's loaded rounds."""
     latency, throughput = Served([]), Served([])
@@ -179,10 +181,10 @@ def bench_variant(
     a: argparse.Namespace, url: str, variant: str, info: dict[str, Any], params: SamplingParams
 ) -> ServeRecord:
     max_batch = int(info["limits"]["max_batch_size"])
-    by_threads = offline(a, variant, max_batch, params)
+    by_threads = measure_offline(a, variant, max_batch, params)
     fastest = min(by_threads, key=lambda o: o.latency_s)
     widest = max(by_threads, key=lambda o: o.images_per_s)
-    latency, throughput, batch = served(a, url, variant, params)
+    latency, throughput, batch = measure_served(a, url, variant, params)
     target = 1.05 * fastest.latency_s + 0.015
     return ServeRecord(
         variant=variant,

@@ -33,6 +33,7 @@ from app.serve.engine import (
     VariantState,
     VariantStatus,
     auto_policy,
+    fail_unsettled,
 )
 from app.serve.engine.lifecycle import LOADING_RETRY_AFTER_S
 from app.serve.engine.threads import in_own_thread
@@ -94,7 +95,7 @@ class Service:
             device = resolve_device(s.device)
             self.model = model = await in_own_thread(load_checkpoint, s.model_dir, device)
             if self._drain_began("loading"):
-                self._not_started("the service is shutting down")
+                fail_unsettled(self.variants.values(), "not started: the service is shutting down")
                 return
             self._describe(model)
             startup = StartupSettings(
@@ -107,12 +108,7 @@ class Service:
                 return
             log.exception("loading %s failed", s.model_dir)
             self.lifecycle.fail(f"{type(e).__name__}: {e}")
-            self._not_started("the load failed")
-
-    def _not_started(self, why: str) -> None:
-        for status in self.variants.values():
-            if not status.settled:
-                status.fail(f"not started: {why}")
+            fail_unsettled(self.variants.values(), "not started: the load failed")
 
     def _starting(self) -> bool:
         """Whether variants may still start: not once a drain began (or the load failed)."""

@@ -39,7 +39,7 @@ from app.compress.plans import (
 from app.compress.registry import PlanKind
 from app.model.pipeline import VARPipeline
 from app.model.progress import Cancelled, Progress, heartbeat
-from app.serve.engine import VariantState, VariantStatus
+from app.serve.engine import VariantState, VariantStatus, fail_unsettled
 from app.serve.engine.threads import in_own_thread
 from app.serve.metrics import ServeMetrics
 from app.serve.models import ServedModel, ServedVariant, build_variant
@@ -97,7 +97,7 @@ class Startup:
                     raise Cancelled("shutting down")
                 await self._start(name, status)
             except Cancelled:  # those not started will not serve
-                self._give_up("not started: the service is shutting down")
+                fail_unsettled(self.statuses.values(), "not started: the service is shutting down")
                 return
             except Exception as error:
                 status.fail(f"{type(error).__name__}: {error}")
@@ -107,11 +107,6 @@ class Startup:
                 trace = None if isinstance(error, MissingWindowPlan | MissingSharingPlan) else error
                 log.error("variant %s failed to start (the others serve): %s", name, status.error, exc_info=trace)
         self._log_outcome()
-
-    def _give_up(self, why: str) -> None:
-        for status in self.statuses.values():
-            if not status.settled:
-                status.fail(why)
 
     def order(self) -> list[str]:
         """The default variant, then those whose plans are there, then those whose plans must be calibrated."""

@@ -31,7 +31,7 @@ from app.serve.engine.errors import (
 from app.serve.engine.lifecycle import Lifecycle, Phase
 from app.serve.engine.policy import POLICIES, auto_policy
 from app.serve.engine.requests import GenerationRequest, GenerationResult
-from app.serve.engine.variants import VariantState, VariantStatus
+from app.serve.engine.variants import VariantState, VariantStatus, fail_unsettled
 from app.serve.engine.watchdog import Unhealthy
 
 __all__ = [
@@ -55,5 +55,6 @@ __all__ = [
     "VariantState",
     "VariantStatus",
     "auto_policy",
+    "fail_unsettled",
     "within_deadline",
 ]

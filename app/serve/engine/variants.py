@@ -13,6 +13,7 @@ the variant waits for. Written on the event loop (progress: by the thread doing 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -90,3 +91,10 @@ class VariantStatus:
             "progress": self.progress.as_dict() if self.progress is not None and not self.settled else None,
             "error": self.error,
         }
+
+
+def fail_unsettled(statuses: Iterable[VariantStatus], why: str) -> None:
+    """Every variant not yet ready or failed fails with `why`: none of them will start (a drain, a failed load)."""
+    for status in statuses:
+        if not status.settled:
+            status.fail(why)

@@ -1,6 +1,6 @@
 """What the OpenAPI document says each route answers besides its 200 JSON (the raw images, the error bodies and
 their headers), and, once the model is loaded, the limits of a request that depend on it and on the settings.
-Schemathesis holds every answer to it (tests/serve/test_openapi.py, test_schemathesis_cli.py)."""
+Schemathesis holds every answer to it, in process and with its command line (tests/serve/test_openapi.py)."""
 
 from __future__ import annotations
 
