@@ -1,5 +1,6 @@
-"""`python -m app.bench [serve|load|kernels|decoder|attention|policies] ...`: the offline benchmark, with `serve`
-the serving benchmark, with `load` the load and soak test (`app.bench.load`), with `kernels` each layer kind's kernel
+"""`python -m app.bench [serve|load|refusals|kernels|decoder|attention|policies] ...`: the offline benchmark, with
+`serve` the serving benchmark, with `load` the load and soak test (`app.bench.load`), with `refusals` the server's
+CPU per refused request (`app.bench.refusals`), with `kernels` each layer kind's kernel
 options side by side (`app.bench.kernels`), with `decoder` the VQVAE decoder's forms side by side
 (`app.bench.decoder`), with `attention` windowed attention against dense per scale (`app.bench.attention`), with
 `policies` the whole and scale batching policies under the same load (`app.bench.policies`)."""
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         return served.main(argv[1:])
     if argv[:1] == ["load"]:
         return load.main(argv[1:])
+    if argv[:1] == ["refusals"]:
+        from app.bench import refusals  # imported on use: it imports the service
+
+        return refusals.main(argv[1:])
     if argv[:1] == ["kernels"]:
         return kernels.main(argv[1:])
     if argv[:1] == ["policies"]:

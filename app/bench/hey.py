@@ -27,14 +27,16 @@ def available() -> bool:
     return shutil.which("hey") is not None
 
 
-def run(url: str, body: dict[str, Any], requests: int, concurrency: int, timeout_s: int = 120) -> HeyRun:
-    """POST `body` to `url` `requests` times from `concurrency` workers; RuntimeError on any answer but 200."""
+def run(
+    url: str, body: dict[str, Any], requests: int, concurrency: int, timeout_s: int = 120, expect: int = 200
+) -> HeyRun:
+    """POST `body` to `url` `requests` times from `concurrency` workers; RuntimeError on any answer but `expect`."""
     command = ["hey", "-n", str(requests), "-c", str(concurrency), "-t", str(timeout_s), "-m", "POST", "-o", "csv"]
     command += ["-T", "application/json", "-d", json.dumps(body), url]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30 * timeout_s).stdout
     result = parse(out)
-    if set(result.statuses) != {200}:
-        raise RuntimeError(f"hey: answers other than 200: {result.statuses}")
+    if set(result.statuses) != {expect}:
+        raise RuntimeError(f"hey: answers other than {expect}: {result.statuses}")
     return result
 
 

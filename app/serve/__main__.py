@@ -17,9 +17,10 @@ from types import FrameType
 from typing import NoReturn
 
 import uvicorn
+from fastapi import FastAPI
 
 from app.serve.app import create_app
-from app.serve.http.connections import with_header_timeout
+from app.serve.http.connections import bounded_headers
 from app.serve.service import Service
 from app.serve.settings import ServeSettings
 
@@ -61,24 +62,27 @@ def main() -> int:
     settings = ServeSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(
+    DrainingServer(uvicorn_config(app, settings), app.state.service).run()
+    return 0
+
+
+def uvicorn_config(app: FastAPI, settings: ServeSettings) -> uvicorn.Config:
+    """How the service runs under uvicorn (`python -m app.bench refusals` runs it so too)."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
-        # connection limits (docs/serving.md#connections): h11, which bounds the request line and headers, with
-        # a deadline for them; no WebSocket; beyond the connection limit uvicorn answers 503
-        http=with_header_timeout(settings.header_timeout_s),
+        # connection limits (docs/serving.md#connections): httptools with a deadline and a size bound for the
+        # request line and headers; no WebSocket; beyond the connection limit uvicorn answers 503
+        http=bounded_headers(settings.header_timeout_s, settings.max_header_bytes),
         ws="none",
-        h11_max_incomplete_event_size=settings.max_header_bytes,
         limit_concurrency=settings.connection_limit,
         backlog=settings.backlog,
         timeout_keep_alive=settings.keep_alive_s,
     )
-    DrainingServer(config, app.state.service).run()
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from app.serve.http import openapi
 from app.serve.http.auth import ApiKeys, require_key
 from app.serve.http.errors import install_error_handlers
-from app.serve.http.middleware import BodyLimits, GenerateMetrics
+from app.serve.http.middleware import BodyLimits, GenerateMetrics, ShedWhenFull
 from app.serve.http.routes import ops_router, page_router, router
 from app.serve.metrics import versions
 from app.serve.service import Service
@@ -37,25 +37,33 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.state.service = service
     # /openapi.json: with the model's limits once it is loaded, so that a request it allows is one the service takes
     app.openapi = openapi.once_loaded(app.openapi, lambda: service.limits)  # type: ignore[method-assign]
-    include_routes(app, service.settings)
-    install_error_handlers(app, service.metrics)
     s = service.settings
+    keys = ApiKeys(k.get_secret_value() for k in s.api_keys)
+    include_routes(app, keys, protect_ops=s.protect_ops)
+    install_error_handlers(app, service.metrics)
+    # innermost first: each add_middleware wraps what is there
+    app.add_middleware(
+        ShedWhenFull,
+        engine=lambda: service.engine,
+        keys=keys,
+        default_variant=s.default_variant,
+        metrics=service.metrics,
+    )
     app.add_middleware(BodyLimits, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout_s, metrics=service.metrics)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)  # outermost: sees every answer, 413 included
     return app
 
 
-def include_routes(app: FastAPI, settings: ServeSettings) -> None:
+def include_routes(app: FastAPI, keys: ApiKeys, protect_ops: bool) -> None:
     """The API behind VAR_API_KEYS when set, the operations' routes too with VAR_PROTECT_OPS; the playground
     page and the OpenAPI document stay open (they hold no data; the page asks the protected API)."""
-    keys = ApiKeys(k.get_secret_value() for k in settings.api_keys)
     if not keys:
         for r in (router, ops_router, page_router):
             app.include_router(r)
         return
     guard, refusal = [Depends(require_key(keys))], openapi.UNAUTHORIZED
     app.include_router(router, dependencies=guard, responses=refusal)
-    if settings.protect_ops:
+    if protect_ops:
         app.include_router(ops_router, dependencies=guard, responses=refusal)
     else:
         app.include_router(ops_router)

@@ -132,7 +132,7 @@ class ServeSettings(BaseSettings):
     max_header_bytes: int = Field(
         default=16_384,
         ge=1024,
-        description="largest request line plus headers; larger get 400 and a closed connection (h11's default; "
+        description="largest request line plus headers; larger get 431 and a closed connection (h11's default; "
         "this API's requests send under 1 KiB)",
     )
 

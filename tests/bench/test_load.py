@@ -5,19 +5,21 @@ for the invalid bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import random
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.bench.__main__ import main as bench_main
 from app.bench.load.client import Outcome, problems
 from app.bench.load.plan import Segment, arrival_times, phase_of, ramp_profile, steady_profile
 from app.bench.load.report import failures, overload_goodput
-from app.bench.load.server import rss_growth
+from app.bench.load.server import metrics, rss_growth
 from tests.conftest import DEMO
 
 
@@ -34,6 +36,28 @@ def test_even_arrivals_follow_the_ramp() -> None:
     assert len(overload) == pytest.approx(30 * 40, abs=1)  # 30 s at 4 x 10 requests per second
     gaps = [b - a for a, b in itertools.pairwise(overload)]
     assert max(gaps) == pytest.approx(min(gaps)) == pytest.approx(1 / 40)
+
+
+def scrape(statuses: list[int]) -> object:
+    """`metrics` against a stand-in that answers `statuses` in turn; what it returned or raised."""
+    answers = iter(statuses)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers), text="var_up 1\n")
+
+    async def scraped() -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://t") as client:
+            try:
+                return await metrics(client)
+            except httpx.HTTPStatusError as e:
+                return e.response.status_code
+
+    return asyncio.run(scraped())
+
+
+def test_a_scrape_refused_by_the_connection_limit_is_retried_and_any_other_refusal_raises() -> None:
+    assert scrape([503, 503, 200]) == {("var_up", frozenset()): 1.0}
+    assert scrape([500]) == 500
 
 
 def test_poisson_arrivals_are_seeded_and_bounded() -> None:
@@ -65,6 +89,7 @@ def test_verdicts() -> None:
     assert problems(outcome(status=429, retry_after="1"), allowance) == set()
     assert problems(outcome(status=429), allowance) == {"wrong_answer"}  # no Retry-After
     assert problems(outcome("invalid", status=422), allowance) == set()
+    assert problems(outcome("invalid", status=429, retry_after="1"), allowance) == set()  # the queue was full
     assert problems(outcome("invalid", status=200), allowance) == {"wrong_answer"}
     assert problems(outcome(status=422), allowance) == {"wrong_answer"}
     assert problems(outcome(answer_variant="litevar"), allowance) == {"wrong_answer"}
@@ -125,7 +150,8 @@ def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureF
         log.read_text()[-3000:],
     )
     assert t["requests"] == t["answered"] + t["cancelled"] > 100
-    assert set(t["by_kind"]["invalid"]) == {"422"}  # every invalid body, and nothing else, got 422
+    # every invalid body, and nothing else, got 422, or 429 while the queue was full
+    assert set(t["by_kind"]["invalid"]) <= {"422", "429"} and t["by_kind"]["invalid"]["422"] > 0
     assert t["cancelled"] > 0 and report["rejections"]["invalid"] == t["by_status"]["422"]
     overload = next(p for p in report["phases"] if p["name"] == "overload")
     refused = overload["by_status"].get("429", 0)

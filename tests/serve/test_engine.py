@@ -109,21 +109,27 @@ def test_only_the_variant_splits_batches(demo_pipeline: VARPipeline) -> None:
 def test_full_queue_raises_queue_full_with_retry_after(demo_pipeline: VARPipeline) -> None:
     gated = Gated(demo_pipeline)
 
-    async def scenario() -> QueueFull:
+    async def scenario() -> tuple[QueueFull, list[QueueFull | None]]:
         e = engine({"baseline": gated}, queue_capacity=3)
         first = await block_worker(e, gated)
+        full = [e.full()]  # rows free: no refusal before parsing
         waiting = asyncio.create_task(e.generate(request(1, (1, 2, 3))))
         await asyncio.sleep(0)
+        full.append(e.full())
         with pytest.raises(QueueFull) as refused:
             await e.generate(request(2, (4,)))
+        e.lifecycle.drain()
+        full.append(e.full())  # draining: the request's own path answers 503
         gated.release.set()
         await asyncio.gather(first, waiting)
         await e.stop()
-        return refused.value
+        return refused.value, full
 
-    refused = run(scenario())
+    refused, full = run(scenario())
     assert refused.retry_after_s >= 1
     assert 4 not in gated.computed_seeds()
+    assert full[0] is None and full[2] is None
+    assert isinstance(full[1], QueueFull) and full[1].retry_after_s == refused.retry_after_s
 
 
 def test_request_past_its_deadline_is_never_computed(demo_pipeline: VARPipeline) -> None:

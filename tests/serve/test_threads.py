@@ -54,3 +54,25 @@ def test_a_cancelled_caller_leaves_the_work_to_finish() -> None:
 
     asyncio.run(main())
     assert finished.is_set()
+
+
+def test_work_that_outlives_its_loop_ends_without_an_error_in_its_thread() -> None:
+    """A server that stopped while a variant still loaded: the loop is closed when the work returns."""
+    release, errors = threading.Event(), []
+    threads_before = set(threading.enumerate())
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+
+        async def main() -> None:
+            pending = asyncio.ensure_future(in_own_thread(release.wait, 5))
+            await asyncio.sleep(0.05)
+            assert not pending.done()
+
+        asyncio.run(main())  # cancels the pending call and closes the loop
+        release.set()
+        for thread in set(threading.enumerate()) - threads_before:
+            thread.join(timeout=5)
+    finally:
+        threading.excepthook = previous_hook
+    assert errors == []

@@ -23,7 +23,7 @@ from app.bench.launcher import launched, wait_ready
 from app.bench.load.client import ConnectionPerRequest, run_schedule
 from app.bench.load.plan import LOOPBACK, Mix, ServerLimits, arrival_times, plan_requests, ramp_profile, steady_profile
 from app.bench.load.report import failures, overload_goodput, print_report, summarize
-from app.bench.load.server import RssSampler, measure_capacity, rss_growth, server_info
+from app.bench.load.server import CAPACITY_BURSTS, RssSampler, measure_capacity, rss_growth, server_info
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak", type=float, default=4.0, help="ramp: highest offered load, times the capacity")
     ap.add_argument("--level", type=float, default=1.0, help="steady: offered load, times the capacity")
     ap.add_argument("--capacity", type=float, help="images per second; measured with a closed-loop burst if not given")
-    ap.add_argument("--capacity-requests", type=int, default=64, help="timed requests of the capacity burst")
+    ap.add_argument("--capacity-requests", type=int, default=128, help="timed requests of each capacity burst")
     ap.add_argument("--arrivals", choices=("poisson", "even"), default="poisson")
     ap.add_argument("--seed", type=int, default=0, help="of the arrival times and the request mix")
     ap.add_argument("--invalid-share", type=float, default=0.1)
@@ -129,7 +129,8 @@ async def load(a: argparse.Namespace, url: str, pid: int | None) -> dict[str, An
             capacity, source = a.capacity, "given"
         else:
             capacity = await measure_capacity(client, a.variant_list, lim, a.capacity_requests, limit_s=120)
-            source = f"measured: {a.capacity_requests} one-image requests, closed loop"
+            bursts = f"median of {CAPACITY_BURSTS} bursts of {a.capacity_requests} one-image requests"
+            source = f"measured: {bursts}, closed loop"
         profile = ramp_profile(a.duration, a.peak) if a.profile == "ramp" else steady_profile(a.duration, a.level)
         rng = random.Random(a.seed)
         times = arrival_times(profile, capacity, rng, a.arrivals == "poisson", a.max_requests)

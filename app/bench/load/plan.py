@@ -14,7 +14,9 @@ LOOPBACK = "127.0.0.1"
 KINDS = ("good", "short", "invalid", "cancel")
 
 
-EXPECTED = {"good": {200, 429, 504}, "short": {200, 429, 504}, "cancel": {200, 429, 504}, "invalid": {422}}
+# An invalid body that is a JSON object may get 429 while the queue has no free row: the server refuses then
+# before it validates (docs/serving.md#overload).
+EXPECTED = {"good": {200, 429, 504}, "short": {200, 429, 504}, "cancel": {200, 429, 504}, "invalid": {422, 429}}
 
 
 RETRY_AFTER = {429, 503}
@@ -103,7 +105,7 @@ class ServerLimits:
 
 
 def invalid_body(i: int, variant: str, lim: ServerLimits, timeout_s: float) -> dict[str, Any]:
-    """The i-th of ten bodies, each with one invalid field (the server answers 422)."""
+    """The i-th of ten bodies, each with one invalid field (the server answers 422, or 429 while full)."""
     good: dict[str, Any] = {"class_label": 1, "variant": variant, "timeout_s": timeout_s}
     bad: list[dict[str, Any]] = [
         {"class_label": lim.num_classes},  # out of range

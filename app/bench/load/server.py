@@ -18,11 +18,21 @@ from app.bench.load.plan import ServerLimits
 from app.bench.stats import median
 
 MAX_RSS_SAMPLES = 100_000
+CAPACITY_BURSTS = 3
 
 
 # ---- the server's side ---------------------------------------------------------------------------
+METRICS_RETRY_S = 10.0
+
+
 async def metrics(client: httpx.AsyncClient) -> prometheus_text.Samples:
-    return prometheus_text.parse((await client.get("/metrics")).text)
+    """The server's samples. A 503 (uvicorn's connection limit, reached by the load this tool sends) is retried
+    for METRICS_RETRY_S; any other answer but 200 raises, naming it."""
+    end = time.monotonic() + METRICS_RETRY_S
+    while (answer := await client.get("/metrics")).status_code == 503 and time.monotonic() < end:
+        await asyncio.sleep(0.2)
+    answer.raise_for_status()
+    return prometheus_text.parse(answer.text)
 
 
 async def rejections(client: httpx.AsyncClient) -> dict[str, float]:
@@ -109,7 +119,8 @@ async def measure_capacity(
     client: httpx.AsyncClient, variants: Sequence[str], lim: ServerLimits, n: int, limit_s: float
 ) -> float:
     """Images per second of one-image requests, closed loop: enough clients to fill a batch of every variant
-    (never more than the queue holds), after one untimed round."""
+    (never more than the queue holds), after one untimed round; the median of CAPACITY_BURSTS timed bursts of
+    `n` requests (one burst of 64 moved by a quarter from run to run)."""
     concurrency = max(1, min(lim.queue_capacity, lim.max_batch_size * len(variants)))
 
     async def burst(first: int, count: int) -> None:
@@ -124,8 +135,11 @@ async def measure_capacity(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+    async def timed(first: int) -> float:
+        t0 = time.perf_counter()
+        await burst(first, n)
+        return n / (time.perf_counter() - t0)
+
     async with asyncio.timeout(limit_s):
         await burst(0, concurrency)
-        t0 = time.perf_counter()
-        await burst(concurrency, n)
-        return n / (time.perf_counter() - t0)
+        return median([await timed(concurrency + i * n) for i in range(CAPACITY_BURSTS)])

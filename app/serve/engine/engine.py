@@ -184,13 +184,27 @@ class Engine:
             raise self._not_served(request.variant)
         queued = self.queued_images()
         if queued + request.num_images > self.queue_capacity:
-            retry = math.ceil((queued / self.core.limit.current + 1) * self.batching.generation_s())
-            raise QueueFull(queued, self.queue_capacity, retry_after_s=max(1, retry))
+            raise self._queue_full(queued)
         now = time.monotonic()
         pending = Pending(request, arrived=now, deadline=now + request.timeout_s)
         # accepted requests only: a refusal above is counted by its reason
         self.metrics.images_per_request.labels(request.variant).observe(request.num_images)
         return pending, self.core.requests.add(pending)
+
+    def full(self) -> QueueFull | None:
+        """The refusal of any request while the queue has no free row and the engine accepts requests (else
+        None): what the HTTP layer answers before it parses a request (`http/middleware.py`, ShedWhenFull)."""
+        queued = self.queued_images()
+        if queued < self.queue_capacity:
+            return None
+        problem = self.health()
+        if self.lifecycle.refusal(problem.detail if problem else None) is not None:
+            return None  # the request's own path answers why the engine does not accept it
+        return self._queue_full(queued)
+
+    def _queue_full(self, queued: int) -> QueueFull:
+        retry = math.ceil((queued / self.core.limit.current + 1) * self.batching.generation_s())
+        return QueueFull(queued, self.queue_capacity, retry_after_s=max(1, retry))
 
     def _not_served(self, variant: str) -> NotReady | UnknownVariant:
         """Why a request for `variant` cannot be queued: it is still starting or failed, or it is no variant."""

@@ -12,6 +12,7 @@ the worker's team is the only one that lives while the service serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -36,11 +37,12 @@ async def in_own_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -
 
     def run() -> None:
         try:
-            result = fn(*args, **kwargs)
+            outcome: tuple[T | None, BaseException | None] = (fn(*args, **kwargs), None)
         except BaseException as e:  # handed to the awaiting coroutine, as to_thread does
-            loop.call_soon_threadsafe(settle, None, e)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (None, e)
+        if not loop.is_closed():  # else the awaiting coroutine is gone with its loop (a server that stopped)
+            with contextlib.suppress(RuntimeError):  # the loop closed since
+                loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=run, name=f"var-{getattr(fn, '__name__', 'work')}", daemon=True).start()
     return await future

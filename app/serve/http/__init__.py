@@ -8,8 +8,9 @@ errors.py       one table from error to status, headers and Retry-After; one han
 encoding.py     PNG/JPEG/WebP, Accept negotiation
 openapi.py      what each route answers besides its 200 JSON; the loaded model's limits in the request schema
 auth.py         optional API keys
-middleware.py   the body's size and time limits (413, the rest of the body discarded; 408), per-request metrics
+middleware.py   the body's size and time limits (413, the rest of the body discarded; 408), the 429 before parsing
+                while the queue is full, per-request metrics
 json_body.py    strict JSON parsing of request bodies
-connections.py  uvicorn's h11 protocol with a deadline for the request line and headers
+connections.py  uvicorn's httptools protocol with a deadline and a size bound for the request line and headers
 static/         the playground page (GET /)
 """

@@ -46,6 +46,20 @@ class ApiKeys:
             found |= hmac.compare_digest(given, d)
         return found
 
+    def admit(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether an ASGI request's raw headers pass what `require_key` checks: no keys are set, or a valid key
+        is presented (read without FastAPI, for the refusal before routing: `middleware.ShedWhenFull`)."""
+        if not self:
+            return True
+        presented: list[str | None] = [None, None]
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, credentials = value.decode("latin-1").partition(" ")
+                presented[0] = credentials.strip() if scheme.lower() == "bearer" else None
+            elif name == b"x-api-key":
+                presented[1] = value.decode("latin-1")
+        return any([self.accepts(k) for k in presented])
+
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

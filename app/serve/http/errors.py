@@ -64,21 +64,26 @@ def install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     """Every error of `ANSWERS` (and its subclasses) answered as the table says, and counted by reason; any
     other exception is a 500 naming an error id, logged with its traceback."""
 
-    async def answer(request: Request, exc: Exception) -> Response:
-        how = next(ANSWERS[t] for t in type(exc).__mro__ if t in ANSWERS)
-        metrics.rejections.labels(how.reason).inc()
-        headers = dict(how.headers)
-        if (retry_after_s := getattr(exc, "retry_after_s", None)) is not None:
-            headers["Retry-After"] = str(retry_after_s)
-        if isinstance(exc, RequestValidationError):
-            return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=how.status)
-        if isinstance(exc, ClientDisconnected):
-            return Response(status_code=how.status)  # nobody reads it
-        return error(how.status, str(exc), headers, getattr(exc, "error_id", None))
+    async def handler(request: Request, exc: Exception) -> Response:
+        return answer(exc, metrics)
 
     for kind in ANSWERS:
-        app.add_exception_handler(kind, answer)
+        app.add_exception_handler(kind, handler)
     app.add_exception_handler(Exception, unexpected)
+
+
+def answer(exc: Exception, metrics: ServeMetrics) -> Response:
+    """The answer to an error of `ANSWERS` (or a subclass), counted by its reason."""
+    how = next(ANSWERS[t] for t in type(exc).__mro__ if t in ANSWERS)
+    metrics.rejections.labels(how.reason).inc()
+    headers = dict(how.headers)
+    if (retry_after_s := getattr(exc, "retry_after_s", None)) is not None:
+        headers["Retry-After"] = str(retry_after_s)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=how.status)
+    if isinstance(exc, ClientDisconnected):
+        return Response(status_code=how.status)  # nobody reads it
+    return error(how.status, str(exc), headers, getattr(exc, "error_id", None))
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:

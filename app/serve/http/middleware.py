@@ -1,16 +1,21 @@
-"""Two plain ASGI middlewares: the request body's limits (413 over its size, 408 when it comes too slowly) and
-the per-request metrics of /generate."""
+"""Three plain ASGI middlewares: the request body's limits (413 over its size, 408 when it comes too slowly), the
+refusal of /generate while the queue is full, before the request is parsed, and the per-request metrics of
+/generate."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.serve.engine import Engine
+from app.serve.http.auth import ApiKeys
+from app.serve.http.errors import answer
 from app.serve.metrics import Rejection, ServeMetrics
 
 # The most of a refused body that is read (and dropped) after its 413, so that its client can read the answer:
@@ -121,6 +126,61 @@ async def discard(receive: Receive, deadline: float) -> None:
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     return
                 size += len(message.get("body", b""))
+
+
+class ShedWhenFull:
+    """POST /generate answered 429 (with Retry-After) while the queue has no free row, before the body is
+    parsed, validated or routed. Under overload most requests are refusals, and each one's CPU time comes out
+    of the batch being computed: the event loop holds the GIL that the worker needs between its kernels. Here a
+    refusal skips FastAPI's routing, dependencies and validation (CPU per refusal: docs/benchmarks.md, "What a
+    refusal costs").
+
+    Refused here: a body that is a JSON object, with a valid API key where keys are set, while the engine
+    accepts requests. Anything else takes the route and gets its own answer (401, 422, 503 while draining).
+    So while the queue is full, a request the route would refuse for another reason (an unknown class, a
+    variant still starting) gets 429 and its own answer when it retries; no request is ever queued here. The
+    variant the body names labels the answer's metrics (`GenerateMetrics`)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        engine: Callable[[], Engine | None],
+        keys: ApiKeys,
+        default_variant: str,
+        metrics: ServeMetrics,
+    ):
+        self.app, self.engine, self.keys, self.metrics = app, engine, keys, metrics
+        self.default_variant = default_variant
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = self.engine() if scope["type"] == "http" and scope["path"] == "/generate" else None
+        full = engine.full() if engine is not None and scope["method"] == "POST" else None
+        if full is None or not self.keys.admit(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        message = await receive()  # the whole body, in one message (BodyLimits)
+        variant = self._variant_named(message.get("body", b""))
+        if variant is None:
+            replay = [message]
+
+            async def receive_replayed() -> Message:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, receive_replayed, send)
+            return
+        scope.setdefault("state", {})["variant"] = variant
+        await answer(full, self.metrics)(scope, receive, send)
+
+    def _variant_named(self, body: bytes) -> str | None:
+        """The variant a JSON object names (or the default), as a metrics label; None for any other body."""
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+        named = fields.get("variant") or self.default_variant
+        return self.metrics.label(named if isinstance(named, str) else None)
 
 
 class GenerateMetrics:
