@@ -25,6 +25,7 @@ import torch
 from app.bench.runner import BenchRecord, Contender, add_speedups, measure, pipeline_runner
 from app.compress import VARIANTS, apply_variant
 from app.compress.attention_passes import attention_flops
+from app.compress.compile_cache import load_compiled, save_compiled
 from app.compress.plans import Calibration, Plans, plans_for
 from app.compress.sharing import SharingSettings
 from app.compress.windows import WindowSettings
@@ -134,6 +135,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "checkpoint's or one calibrated on random weights",
     )
     ap.add_argument("--measure-load", action="store_true", help="also time loading the weights from local files")
+    ap.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="a compile cache file (app/compress/compile_cache.py): loaded before anything compiles when it exists, "
+        "else written at the end, as the server does",
+    )
     ap.add_argument("--json", type=Path, help="write the records here")
     ap.add_argument("--plot", type=Path, help="write a PNG of speed-up and attention FLOPs per variant here")
     a = ap.parse_args(argv)
@@ -191,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.window_plan is None:
             raise
         sys.exit(f"--window-plan {a.window_plan}: {e}")
+    cache_loaded = load_compiled(a.compile_cache) if a.compile_cache else False
     records = run_all(a, base, preset, plans)
+    if a.compile_cache and not cache_loaded:
+        print(f"compile cache: {save_compiled(a.compile_cache)} bytes saved to {a.compile_cache}", file=sys.stderr)
     reference = a.variant_list[0]
     add_speedups(records, reference)
     print_table(records, reference)

@@ -99,7 +99,12 @@ class Service:
                 return
             self._describe(model)
             startup = StartupSettings(
-                tuple(s.variants), s.default_variant, s.calibrate_missing_plans, s.warmup, s.max_batch_size
+                tuple(s.variants),
+                s.default_variant,
+                s.calibrate_missing_plans,
+                s.warmup,
+                s.max_batch_size,
+                s.compile_cache,
             )
             await Startup(model, startup, self.variants, self.metrics, self._serve, self._starting).run()
         except Exception as e:

@@ -74,6 +74,12 @@ class ServeSettings(BaseSettings):
         description="run each variant before it serves: an eager one once at batch 1, a compiled one at each batch "
         "size that compiles graphs of its own",
     )
+    compile_cache: Path | None = Field(
+        default=None,
+        description="a file of compiled code (torch's portable compile cache): loaded before the first compiled "
+        "variant warms up, written after the variants started when it does not exist yet; it serves the same torch "
+        "version and CPU kind (empty: none)",
+    )
     calibrate_missing_plans: bool = Field(
         default=True,
         description="a window or sharing plan that a variant takes and the checkpoint folder lacks "
@@ -151,6 +157,11 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _split_commas(cls, v: object) -> object:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("compile_cache", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
 
     @field_validator("api_keys")
     @classmethod

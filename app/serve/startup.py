@@ -24,8 +24,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.compress import variant_spec
+from app.compress.compile_cache import load_compiled, save_compiled
 from app.compress.plans import (
     CALIBRATE,
     DEFAULT_CALIBRATION,
@@ -58,6 +60,7 @@ class StartupSettings:
     calibrate_missing_plans: bool
     warmup: bool
     max_batch_size: int
+    compile_cache: Path | None = None
 
 
 class Startup:
@@ -76,6 +79,7 @@ class Startup:
         self.specs = {name: variant_spec(name) for name in settings.variants}
         self.plans = Plans()
         self.plan_errors: dict[PlanKind, Exception] = {}  # a plan that could not be read or calibrated
+        self.compiled: list[str] = []  # the variants warmed up with compiled code
         self._read_saved_plans()
 
     async def run(self) -> None:
@@ -107,6 +111,7 @@ class Startup:
                 trace = None if isinstance(error, MissingWindowPlan | MissingSharingPlan) else error
                 log.error("variant %s failed to start (the others serve): %s", name, status.error, exc_info=trace)
         self._log_outcome()
+        await self._save_compiled()
 
     def order(self) -> list[str]:
         """The default variant, then those whose plans are there, then those whose plans must be calibrated."""
@@ -195,7 +200,10 @@ class Startup:
     async def _warm_up(self, variant: ServedVariant, status: VariantStatus) -> None:
         m = self.model
         sizes = warmup_batch_sizes(variant.spec, m.device, self.settings.max_batch_size, variant.pipeline.steps)
-        compiling = "compiling and " if variant.spec.compiled(m.device.type) else ""
+        compiled = variant.spec.compiled(m.device.type)
+        if compiled and not self.compiled:
+            await self._load_compiled()
+        compiling = "compiling and " if compiled else ""
         progress = Progress(f"{variant.name}: {compiling}warming up at batch sizes {sizes}")
         status.move(VariantState.WARMING, f"{compiling}warming up (batch sizes {sizes})", progress)
         log.info("%s", progress.task)
@@ -204,6 +212,31 @@ class Startup:
         for out in outputs:  # the memory of the warmed batch sizes is known before the first request
             self.metrics.record_memory(variant.name, out.kv_cache_bytes, out.peak_bytes)
         log.info("warmed up %s at batch sizes %s in %.1f s", variant.name, sizes, progress.elapsed_s)
+        if compiled:
+            self.compiled.append(variant.name)
+
+    # ---- compiled code shipped as a file (compile_cache.py) ----------------------------------------
+    async def _load_compiled(self) -> None:
+        """Before the first compiled warm-up: the compile cache file, when there is one. One that cannot be
+        read is logged and compiled around: it only ever saves time."""
+        path = self.settings.compile_cache
+        if path is None:
+            return
+        try:
+            if not await in_own_thread(load_compiled, path):
+                log.info("no compile cache at %s: compiling, then saving it there", path)
+        except Exception:
+            log.warning("compile cache %s could not be loaded; compiling without it", path, exc_info=True)
+
+    async def _save_compiled(self) -> None:
+        """After every variant started: the compile cache file, when a variant compiled and there is none yet."""
+        path = self.settings.compile_cache
+        if path is None or not self.compiled or path.exists():
+            return
+        try:
+            await in_own_thread(save_compiled, path)
+        except OSError as e:
+            log.warning("compile cache not saved to %s (%s): the next start compiles again", path, e)
 
     def _log_outcome(self) -> None:
         failed = {n: s.error for n, s in self.statuses.items() if s.state is VariantState.FAILED}

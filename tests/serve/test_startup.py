@@ -220,6 +220,54 @@ def test_eager_variants_are_warmed_once_at_batch_1_not_at_every_batch_size(monke
     assert [(by_pipe[id(pipe)], size) for pipe, size in calls] == [("baseline", 1), ("litevar", 1)]
 
 
+@pytest.mark.parametrize("saved_before", [False, True], ids=["no file yet", "file there"])
+def test_the_compile_cache_file_is_loaded_before_the_first_compiled_warm_up_and_saved_once_when_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, saved_before: bool
+) -> None:
+    """The warm-up is stood in for (compiling is tested in tests/compress/test_compile_cache.py): what is
+    checked is when the file is read and written, around which variants."""
+    events: list[str] = []
+    cache = tmp_path / "compiled.bin"
+    if saved_before:
+        cache.write_bytes(b"made earlier")
+
+    def warmed(pipe: Any, sizes: Any, params: Any, progress: Progress) -> list[Any]:
+        events.append("warm " + by_pipe[id(pipe)])
+        return []
+
+    def loaded(path: Path) -> bool:
+        events.append("load")
+        return path.exists()
+
+    def saved(path: Path) -> int:
+        events.append("save")
+        raise OSError("read-only file system")  # logged: the variants serve all the same
+
+    by_pipe: dict[int, str] = {}
+    real_build = startup_module.build_variant
+
+    def built(*args: Any, **kwargs: Any) -> Any:
+        variant = real_build(*args, **kwargs)
+        by_pipe[id(variant.pipeline)] = variant.name
+        return variant
+
+    for name, fn in [
+        ("warm_up", warmed),
+        ("load_compiled", loaded),
+        ("save_compiled", saved),
+        ("build_variant", built),
+    ]:
+        monkeypatch.setattr(startup_module, name, fn)
+    variants = ["baseline", "compiled", "autotuned"]
+    saving = [] if saved_before else ["save"]
+    with serving(serve_settings(DEMO_FOLDER, variants=variants, warmup=True, compile_cache=cache)) as c:
+        assert all(v["state"] == "ready" for v in c.get("/readyz").json()["variants"].values())
+        end = time.monotonic() + 10
+        while events[-1:] != saving[-1:] and time.monotonic() < end:  # the file is saved after the last start
+            time.sleep(0.01)
+    assert events == ["warm baseline", "load", "warm compiled", "warm autotuned", *saving]
+
+
 def test_compiled_variants_warm_the_batch_sizes_that_get_graphs_of_their_own() -> None:
     """Which sizes those are is checked against Dynamo in tests/compress/test_compiled.py."""
     steps, eager, compiled = scale_steps(DEMO.var.patch_nums), VARIANTS["litevar"], VARIANTS["fastest"]
