@@ -19,12 +19,10 @@ from app.bench.stats import median
 
 MAX_RSS_SAMPLES = 100_000
 CAPACITY_BURSTS = 3
-
-
-# ---- the server's side ---------------------------------------------------------------------------
 METRICS_RETRY_S = 10.0
 
 
+# ---- the server's side ---------------------------------------------------------------------------
 async def metrics(client: httpx.AsyncClient) -> prometheus_text.Samples:
     """The server's samples. A 503 (uvicorn's connection limit, reached by the load this tool sends) is retried
     for METRICS_RETRY_S; any other answer but 200 raises, naming it."""
@@ -120,7 +118,8 @@ async def measure_capacity(
 ) -> float:
     """Images per second of one-image requests, closed loop: enough clients to fill a batch of every variant
     (never more than the queue holds), after one untimed round; the median of CAPACITY_BURSTS timed bursts of
-    `n` requests (one burst of 64 moved by a quarter from run to run)."""
+    `n` requests: that steadies a run's own noise (one burst of 64 could be a quarter off), not the machine's
+    drift between runs."""
     concurrency = max(1, min(lim.queue_capacity, lim.max_batch_size * len(variants)))
 
     async def burst(first: int, count: int) -> None:
