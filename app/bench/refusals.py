@@ -16,11 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import uvicorn
 
 from app.bench import hey
-from app.bench.launcher import free_port
+from app.bench.launcher import free_port, wait_ready
 from app.bench.stats import median
 from app.serve.__main__ import uvicorn_config
 from app.serve.app import create_app
@@ -42,21 +41,10 @@ def started(settings: ServeSettings) -> tuple[uvicorn.Server, threading.Thread, 
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = f"http://{settings.host}:{settings.port}"
-    end = time.monotonic() + 600
-    while not _ready(url):
-        if time.monotonic() > end or not thread.is_alive():
-            raise RuntimeError("the service did not become ready")
-        time.sleep(0.2)
+    wait_ready(url)
     engine = app.state.service.engine
     engine.queued_images = lambda: engine.queue_capacity  # full from now on: every request is refused
     return server, thread, url
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def cpu_per_refusal_us(url: str, requests: int, concurrency: int) -> float:

@@ -70,12 +70,7 @@ class BodyLimits:
         if len(body) > self.max_bytes:
             await self._too_large(send, receive if more else None, deadline)
             return
-        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive_replayed() -> Message:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, receive_replayed, send)
+        await self.app(scope, replaying({"type": "http.request", "body": body, "more_body": False}, receive), send)
 
     async def _read(self, receive: Receive) -> tuple[bytes | None, bool]:
         """(the whole body, None if the client disconnected, or as soon as it passes max_bytes what it has;
@@ -113,6 +108,16 @@ class BodyLimits:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload, "more_body": not end})
+
+
+def replaying(message: Message, receive: Receive) -> Receive:
+    """`receive` that hands on `message` first: a body read here, passed to the app as if unread."""
+    replay = [message]
+
+    async def receive_replayed() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return receive_replayed
 
 
 async def discard(receive: Receive, deadline: float) -> None:
@@ -161,12 +166,7 @@ class ShedWhenFull:
         message = await receive()  # the whole body, in one message (BodyLimits)
         variant = self._variant_named(message.get("body", b""))
         if variant is None:
-            replay = [message]
-
-            async def receive_replayed() -> Message:
-                return replay.pop() if replay else await receive()
-
-            await self.app(scope, receive_replayed, send)
+            await self.app(scope, replaying(message, receive), send)
             return
         scope.setdefault("state", {})["variant"] = variant
         await answer(full, self.metrics)(scope, receive, send)
