@@ -208,6 +208,8 @@ def test_unknown_variant_and_class_name_list_the_valid_ones(client: TestClient) 
     assert "'T-shirt/top'" in by_field["class_name"] and "'Ankle boot'" in by_field["class_name"]
     neither = client.post("/generate", json={"seed": 1})
     assert neither.status_code == 422 and "exactly one of class_label and class_name" in neither.text
+    empty = client.post("/generate", json={"class_label": 0, "variant": ""})  # not the default: no variant's name
+    assert empty.status_code == 422 and empty.json()["detail"][0]["loc"] == ["body", "variant"]
 
 
 def test_class_names_match_case_insensitively(client: TestClient) -> None:

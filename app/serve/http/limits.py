@@ -52,7 +52,8 @@ def to_engine_request(body: GenerateRequest, limits: Limits) -> GenerationReques
         errors.append({"type": kind, "loc": ("body", field), "msg": msg, "input": value})
 
     label = class_label(body, limits, fail)
-    n, variant = body.num_images, body.variant or limits.default_variant
+    n = body.num_images
+    variant = limits.default_variant if body.variant is None else body.variant  # "" names no variant: 422
     if n > limits.max_images_per_request:
         fail(
             "num_images",

@@ -179,7 +179,9 @@ class ShedWhenFull:
             return None
         if not isinstance(fields, dict):
             return None
-        named = fields.get("variant") or self.default_variant
+        named = fields.get("variant")
+        if named is None:  # as the route reads it: omitted or null is the default, "" is no variant
+            named = self.default_variant
         return self.metrics.label(named if isinstance(named, str) else None)
 
 
