@@ -1,5 +1,5 @@
-"""`python -m app <tool> ...`: weights, generate, evaluate, conformance, sensitivity or gpu-check (`--help` after
-it)."""
+"""`python -m app <tool> ...`: weights, generate, evaluate, fidelity, conformance, sensitivity or gpu-check
+(`--help` after it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ TOOLS = {
     "weights": "download released weights (d16..d36) from the Hugging Face Hub, verify them, lay out model_store/",
     "generate": "generate images of one class as a PNG grid and show where the time went",
     "evaluate": "image quality of variants on the same (class, seed) list",
+    "fidelity": "the KL and top-1 agreement shadow fidelity reports for each variant, measured offline",
     "conformance": "check the model against outputs of the official VAR code",
     "sensitivity": "quality with one layer type at a time in int8",
     "gpu-check": "what a lent GPU machine runs: conformance on the device, memory, the d16 benchmark",

@@ -9,13 +9,15 @@ wrap their value in backticks.
 
 Metrics table (docs/serving.md, header `metric | type | labels | help`): one row per metric family that a
 fresh `ServeMetrics` registry yields from `collect()` (the service's own metrics and those of the process
-and platform collectors), in any order. `metric` is the name as exposed on /metrics and as queried:
-a counter with its `_total` suffix, an info metric with its `_info` suffix, a histogram by its base name
-(its `_bucket`, `_sum` and `_count` series are implied), anything else by its family name. `type` is the
-family type that `collect()` reports (`counter`, `gauge`, `histogram`, `info`). `labels` lists the label
-names in declaration order, comma-separated, empty when there are none; for the collectors that declare
-no label names (the platform collector's `python_info`) they are the label names of the exposed sample.
-`help` is the help text word for word.
+and platform collectors) once the offline quality metrics (`QualityMetrics`, registered when the checkpoint
+folder holds an evaluation) are registered on it too, in any order. `metric` is the name as exposed on
+/metrics and as queried: a counter with its `_total` suffix, an info metric with its `_info` suffix, a
+histogram by its base name (its `_bucket`, `_sum` and `_count` series are implied), a summary too (its `_sum`
+and `_count`), anything else by its family name. `type` is the family type that `collect()` reports
+(`counter`, `gauge`, `histogram`, `summary`, `info`).
+`labels` lists the label names in declaration order, comma-separated, empty when there are none; for the
+collectors that declare no label names (the platform collector's `python_info`) they are the label names of
+the exposed sample. `help` is the help text word for word.
 
 Adding, removing or renaming a setting or a metric, or changing a description or help text, fails here
 until docs/serving.md says the same.
@@ -35,6 +37,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from app.compress import VARIANTS
 from app.compress.registry import Step
 from app.serve.metrics import ServeMetrics
+from app.serve.quality_metrics import QualityMetrics
 from app.serve.settings import ServeSettings
 
 ROOT = Path(__file__).parents[1]
@@ -123,8 +126,9 @@ def metrics(monkeypatch: pytest.MonkeyPatch) -> ServeMetrics:
     return ServeMetrics(settings.variants, settings.max_batch_size, settings.max_images_per_request)
 
 
-def declared_labels(metrics: ServeMetrics) -> dict[str, tuple[str, ...]]:
-    """Label names as declared, by family name, for the metrics ServeMetrics declares itself.
+def declared_labels(metrics: object) -> dict[str, tuple[str, ...]]:
+    """Label names as declared, by family name, for the metrics that `metrics` (ServeMetrics, QualityMetrics)
+    declares itself.
 
     prometheus_client exposes them only as `_labelnames`: a labelled metric with no child yet yields no
     sample, so its label names cannot be read from `collect()`.
@@ -138,7 +142,7 @@ def declared_labels(metrics: ServeMetrics) -> dict[str, tuple[str, ...]]:
 
 
 def test_metrics_table_matches_the_registry(metrics: ServeMetrics) -> None:
-    labels = declared_labels(metrics)
+    labels = declared_labels(metrics) | declared_labels(QualityMetrics(metrics.registry))
     exposed = []
     for family in metrics.registry.collect():
         if family.name in labels:

@@ -104,19 +104,24 @@ def request_body(variant: str, params: SamplingParams, seed: int) -> dict[str, A
     return {"class_label": seed % 10, "seed": seed, "variant": variant, **asdict(params)}
 
 
-def served_latency(url: str, variant: str, params: SamplingParams, n: int) -> float:
+def one_client_seconds(
+    url: str, variant: str, params: SamplingParams, n: int, first_seed: int = 1000, pause_s: float = 0.0
+) -> list[float]:
+    """End-to-end seconds of n one-image requests sent one after another (after 3 unmeasured ones), each
+    `pause_s` after the answer to the last."""
     with httpx.Client(base_url=url, timeout=120) as client:
         for i in range(3):  # warm-up: connection, first encodes
             client.post("/generate", json=request_body(variant, params, i)).raise_for_status()
         seconds = []
         for i in range(n):
+            time.sleep(pause_s)
             t0 = time.perf_counter()
-            client.post("/generate", json=request_body(variant, params, 1000 + i)).raise_for_status()
+            client.post("/generate", json=request_body(variant, params, first_seed + i)).raise_for_status()
             seconds.append(time.perf_counter() - t0)
-    return median(seconds)
+    return seconds
 
 
-async def _load(url: str, variant: str, params: SamplingParams, concurrency: int, n: int) -> float:
+async def closed_loop_rate(url: str, variant: str, params: SamplingParams, concurrency: int, n: int) -> float:
     next_seed = iter(range(10_000, 10_000 + n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -165,12 +170,12 @@ def measure_served(
     use_hey = hey.available() and not a.no_hey
     body = request_body(variant, params, 7)
     for _ in range(ROUNDS):
-        latency.ours.append(served_latency(url, variant, params, a.requests))
+        latency.ours.append(median(one_client_seconds(url, variant, params, a.requests)))
         if use_hey:
             latency.hey.append(hey.run(f"{url}/generate", body, a.requests, 1).median_s)
     s0, c0 = mean_batch_size(url, variant)
     for _ in range(ROUNDS):
-        throughput.ours.append(asyncio.run(_load(url, variant, params, a.concurrency, a.load_requests)))
+        throughput.ours.append(asyncio.run(closed_loop_rate(url, variant, params, a.concurrency, a.load_requests)))
         if use_hey:
             throughput.hey.append(hey.run(f"{url}/generate", body, a.load_requests, a.concurrency).requests_per_s)
     s1, c1 = mean_batch_size(url, variant)

@@ -175,6 +175,18 @@ class VARPipeline:
             r.take(lg, timer, on_guided_logits)
 
     @torch.inference_mode()
+    def forced_step(self, rollout: Rollout, tokens_Bl: torch.Tensor) -> torch.Tensor:
+        """One scale of `rollout`, teacher-forced: the guided logits (B, l, V) this pipeline samples that scale
+        from (before top-k and top-p), and the rollout goes on with `tokens_Bl` as if it had sampled them. Scoring
+        a pipeline's own tokens gives the logits it generated them from (its arithmetic is row-stable)."""
+        i = rollout.inputs()
+        with self._autocast():
+            logits = self.step_fn(i.x, i.cond, i.cache, i.step)
+        seen: list[torch.Tensor] = []
+        rollout.take(logits, on_guided_logits=lambda _, guided: seen.append(guided), forced_Bl=tokens_Bl)
+        return seen[0]
+
+    @torch.inference_mode()
     def finish(self, rollout: Rollout, timer: StageTimer = NULL_TIMER) -> torch.Tensor:
         """The images of a rollout that has run every scale; its cache rows go back to the pool."""
         assert rollout.done, "the rollout has scales left"

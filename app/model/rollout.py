@@ -113,16 +113,25 @@ class Rollout:
         return StepInputs(self.x, self.cond, self.cache, step)
 
     def take(
-        self, logits_BlV: torch.Tensor, timer: StageTimer = NULL_TIMER, on_guided_logits: LogitsObserver | None = None
+        self,
+        logits_BlV: torch.Tensor,
+        timer: StageTimer = NULL_TIMER,
+        on_guided_logits: LogitsObserver | None = None,
+        forced_Bl: torch.Tensor | None = None,
     ) -> None:
-        """Sample the scale whose logits these are, add it to the latent, prepare the next scale's tokens."""
+        """Sample the scale whose logits these are, add it to the latent, prepare the next scale's tokens.
+        `forced_Bl` (teacher forcing): go on with these tokens instead of sampling, their hard codes (a row with
+        more_smooth samples soft codes; forced, it takes the tokens' own)."""
         step, B, K = self.step, self.batch_size, len(self.steps)
         ratio = step.si / max(K - 1, 1)
         guided = guide(logits_BlV, self.sampling.cfg, ratio) if step.guided else logits_BlV
         if on_guided_logits is not None:
             on_guided_logits(step.si, guided.clone())
         with timer.section(Stage.SAMPLING):
-            idx_Bl, h_BlC = self._sample(guided, ratio)
+            if forced_Bl is None:
+                idx_Bl, h_BlC = self._sample(guided, ratio)
+            else:
+                idx_Bl, h_BlC = forced_Bl, self.vqvae.quantize.embedding.weight[forced_Bl]
         self.tokens.append(idx_Bl)
         with timer.section(Stage.LATENT):
             pn = self.var.cfg.patch_nums[step.si]

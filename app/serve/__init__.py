@@ -7,6 +7,7 @@ app.py       create_app: the FastAPI app with its routes, error handlers and mid
 service.py   the service's life: load, compress, warm up, serve, drain (implements http's Backend)
 settings.py  ServeSettings (VAR_* environment variables); read only here, in app.py and __main__.py
 models.py    variants from one checkpoint, memory accounting
-metrics.py   every Prometheus metric; imports nothing from engine/ or http/
+metrics.py   every Prometheus metric but the offline quality; imports nothing from engine/ or http/
+quality_metrics.py  the offline quality: the checkpoint's evaluation.json as gauges, read at start
 __main__.py  `python -m app.serve`: uvicorn with a draining shutdown
 """

@@ -1,8 +1,8 @@
 """Every Prometheus metric of the service, declared once, in one registry per service instance.
 
-Label values are bounded: `variant` takes the configured variant names, `stage` the values of `Stage` (the
-pipeline's stages and the API's encode), `status` HTTP status codes the service answers with, `reason` the
-values of `Rejection`.
+Label values are bounded: `variant` and `reference` take the configured variant names, `stage` the values of
+`Stage` (the pipeline's stages and the API's encode), `scale` the model's scale indices, `status` HTTP status
+codes the service answers with, `reason` the values of `Rejection` (of `FidelityDrop` for fidelity's drops).
 A registry per instance (not the global one) lets tests build several services in one process.
 """
 
@@ -21,10 +21,12 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    Summary,
     generate_latest,
 )
 
 from app.model.timing import Stage
+from app.quality.fidelity import Fidelity
 
 # Renard's R10 series (10 edges per decade, each about 26% above the last) from 5 ms to 2.5 s, where the demo
 # model's and a GPU's latencies lie, then coarse up to 300 s: 34 buckets. histogram_quantile interpolates
@@ -37,6 +39,11 @@ LATENCY_BUCKETS = (
     *(5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 UNKNOWN_VARIANT = "unknown"  # label of requests whose variant was not (validly) named
+# Shadow fidelity: KL in nats per token, about three edges a decade from 1e-5 (bfloat16 matmuls on the demo model
+# score about 1e-3, windowed attention about 0.1, guidance off at the last scale 0.5) to 10 (a broken variant);
+# top-1 agreement in [0, 1], finer near 1, where good variants are. Measured: docs/serving.md#shadow-fidelity.
+KL_BUCKETS = (*(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 2, 5)), 10.0)  # exact decimal edges
+AGREEMENT_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 
 class Rejection(StrEnum):
@@ -54,6 +61,14 @@ class Rejection(StrEnum):
     DEADLINE = "deadline"
     CLIENT_DISCONNECTED = "client_disconnected"
     FAILED = "failed"
+
+
+class FidelityDrop(StrEnum):
+    """Why a sampled request was not scored: the values of the `reason` label of `var_fidelity_dropped_total`."""
+
+    BACKLOG_FULL = "backlog_full"  # the scorer was behind (the engine had no idle time for it)
+    NO_REFERENCE = "no_reference"  # the reference variant is not serving (still starting, or failed)
+    FAILED = "failed"  # scoring raised (logged)
 
 
 def _count_buckets(limit: int) -> tuple[float, ...]:
@@ -201,6 +216,41 @@ class ServeMetrics:
             ["variant"],
             registry=r,
         )
+        self.fidelity_kl = Histogram(
+            "var_fidelity_kl",
+            "shadow fidelity, per scored image: KL of the variant's next-token distributions from the reference's, "
+            "in nats, the mean over the image's tokens, both teacher-forced on the variant's tokens (0: same model)",
+            ["variant", "reference"],
+            buckets=KL_BUCKETS,
+            registry=r,
+        )
+        self.fidelity_agreement = Histogram(
+            "var_fidelity_top1_agreement",
+            "shadow fidelity, per scored image: share of its tokens where the variant's and the reference's most "
+            "likely next token agree (1: the same model)",
+            ["variant", "reference"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        self.fidelity_scale_kl = Summary(
+            "var_fidelity_scale_kl",
+            "shadow fidelity by scale: the mean KL over a scored image's tokens of that scale (rate of _sum over "
+            "rate of _count: the mean over images)",
+            ["variant", "reference", "scale"],
+            registry=r,
+        )
+        self.fidelity_scale_agreement = Summary(
+            "var_fidelity_scale_top1_agreement",
+            "shadow fidelity by scale: the top-1 agreement over a scored image's tokens of that scale",
+            ["variant", "reference", "scale"],
+            registry=r,
+        )
+        self.fidelity_scored = Counter(
+            "var_fidelity_samples_total", "sampled requests scored", ["variant", "reference"], registry=r
+        )
+        self.fidelity_dropped = Counter(
+            "var_fidelity_dropped_total", "sampled requests not scored, by reason", ["variant", "reason"], registry=r
+        )
         for reason in Rejection:
             self.rejections.labels(reason)  # exported at 0 from the start
         for v in self.variants:  # exported at 0 from the start, so that rate() sees the first increase
@@ -249,6 +299,24 @@ class ServeMetrics:
         if peak_bytes is not None:
             peak = self._batch_peak_max[variant] = max(self._batch_peak_max.get(variant, 0), peak_bytes)
             self.batch_peak_bytes.labels(variant).set(peak)
+
+    def watch_fidelity(self, reference: str) -> None:
+        """Export shadow fidelity's series of every variant but the reference at 0 from the start."""
+        for v in self.variants:
+            if v != reference:
+                self.fidelity_kl.labels(v, reference)
+                self.fidelity_agreement.labels(v, reference)
+                self.fidelity_scored.labels(v, reference)
+                for reason in FidelityDrop:
+                    self.fidelity_dropped.labels(v, reason)
+
+    def record_fidelity(self, variant: str, reference: str, fidelity: Fidelity) -> None:
+        self.fidelity_kl.labels(variant, reference).observe(fidelity.kl)
+        self.fidelity_agreement.labels(variant, reference).observe(fidelity.top1_agreement)
+        for s in fidelity.scales:
+            self.fidelity_scale_kl.labels(variant, reference, str(s.scale)).observe(s.kl)
+            self.fidelity_scale_agreement.labels(variant, reference, str(s.scale)).observe(s.top1_agreement)
+        self.fidelity_scored.labels(variant, reference).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,6 +42,7 @@ from app.serve.http.limits import Limits
 from app.serve.http.schemas import CFG_MAX, SEED_MAX
 from app.serve.metrics import ServeMetrics, versions
 from app.serve.models import ServedModel, ServedVariant, load_checkpoint, resolve_device
+from app.serve.quality_metrics import export_quality
 from app.serve.settings import ServeSettings
 from app.serve.startup import Startup, StartupSettings
 
@@ -148,6 +149,8 @@ class Service:
             overlap_decode=s.overlap_decode,
             lifecycle=self.lifecycle,
             variants=self.variants,
+            fidelity_rate=_fidelity_rate(s),
+            fidelity_reference=s.fidelity_reference,
         )
         self.engine.start()
         self.metrics.ready.set(1)
@@ -173,6 +176,7 @@ class Service:
         )
         m.model_info.info({"model": model.name, "preset": cfg.name, "device": str(model.device), **versions()})
         m.watch_gpu(model.device)
+        export_quality(model.folder, s.variants, m.registry)
 
     def _describe_variants(self, model: ServedModel) -> None:
         """The metrics of the variants built so far (a variant sharing the VQVAE changes what is shared)."""
@@ -283,6 +287,14 @@ class Service:
         await self.drain()
         if self.engine is not None:
             await self.engine.stop()
+
+
+def _fidelity_rate(s: ServeSettings) -> float:
+    """The share of requests scored: 0 when the reference is not served (nothing to score against)."""
+    if s.fidelity_rate and s.fidelity_reference not in s.variants:
+        log.info("shadow fidelity off: its reference %s is not among the variants", s.fidelity_reference)
+        return 0.0
+    return s.fidelity_rate
 
 
 def _serves(status: VariantStatus) -> float:

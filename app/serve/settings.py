@@ -87,6 +87,17 @@ class ServeSettings(BaseSettings):
         "variants serve, then saved beside the checkpoint when the folder is writable; false, such variants fail "
         "naming the command that saves one",
     )
+    fidelity_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="share of the requests of other variants whose first image is scored against fidelity_reference "
+        "while the engine is idle, on /metrics (docs/serving.md#shadow-fidelity; 0: off)",
+    )
+    fidelity_reference: str = Field(
+        default="baseline",
+        description="the variant shadow fidelity scores the others against; off when it is not among variants",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     log_level: str = Field(default="info", description="uvicorn and app log level")
@@ -176,6 +187,8 @@ class ServeSettings(BaseSettings):
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"variants must be a non-empty list from {sorted(VARIANTS)}, got {self.variants}")
+        if self.fidelity_reference not in VARIANTS:
+            raise ValueError(f"fidelity_reference must be one of {sorted(VARIANTS)}, got {self.fidelity_reference!r}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants are listed twice: {self.variants}")
         if self.cpu_isa and self.cpu_isa not in LEVELS:

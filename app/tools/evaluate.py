@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,17 @@ def print_row(r: dict[str, Any]) -> None:
         print(line, flush=True)
 
 
+def iso_utc(moment: datetime) -> str:
+    """A moment in UTC, ISO-8601 to the second: 2026-12-06T19:02:11Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def date_records(records: list[dict[str, Any]], started: datetime) -> None:
+    """Every record carries the run's start: figures from different code or machines need their date."""
+    for record in records:
+        record["date"] = iso_utc(started)
+
+
 METRIC_NAMES = {"class_accuracy": "accuracy", "fid": "FID", "kid": "KID"}
 
 
@@ -193,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     a.label = a.label or a.model.name
     a.features = [Path(f.strip()) for f in a.features.split(",") if f.strip()]
     print(HEADER)
+    started = datetime.now(UTC)
     records = run(a)
     add_verdicts(records)
+    date_records(records, started)
     print_verdicts(records)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

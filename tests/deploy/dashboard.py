@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.serve.metrics import ServeMetrics
+from app.serve.quality_metrics import QualityMetrics
 
 ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "variants.json"
@@ -100,8 +101,15 @@ def metric_names(expr: str) -> set[str]:
 
 
 def declared_series_names() -> set[str]:
-    """Every series name a `ServeMetrics` registry exposes, its collectors' included: counters with
-    `_total`, histograms as `_bucket`, `_sum` and `_count`, info metrics with `_info`."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",)}
+    """Every series name a service's registry exposes (`ServeMetrics`, its collectors, and the offline quality
+    a checkpoint's evaluation.json adds): counters with `_total`, histograms as `_bucket`, `_sum` and
+    `_count`, summaries as `_sum` and `_count`, info metrics with `_info`."""
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
+        "info": ("_info",),
+    }
     registry = ServeMetrics(["baseline"], 8, 16).registry
+    QualityMetrics(registry)
     return {f.name + s for f in registry.collect() for s in suffixes.get(f.type, ("",))}

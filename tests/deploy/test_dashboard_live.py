@@ -5,8 +5,10 @@
 Traffic to both variants, some of it refused (422 for an invalid field and an unknown variant, 429 from a
 full queue), then each panel's PromQL goes through Prometheus's /api/v1/query with the dashboard variables
 substituted ($baseline=baseline, $compressed=litevar, $__rate_interval=1m). Every query must answer, with at
-least one series, every value finite; a query whose series carry a variant carries both; a ratio panel is
-one positive number. A metric renamed in the code leaves its queries empty, which fails here.
+least one series, every value finite; a query whose series carry a variant carries both (shadow fidelity's
+carry litevar, the variant scored against baseline; every litevar request is sampled); a ratio panel is
+one positive number. The offline quality table reads the demo model's evaluation.json. A metric renamed in
+the code leaves its queries empty, which fails here.
 
 Prometheus comes from the Debian package that `make test` installs; without it this test fails, it never
 skips. Both processes are always stopped; every wait shares one budget of BUDGET_S seconds (the test takes
@@ -63,7 +65,9 @@ SERVER_ENV = {
     "VAR_TORCH_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "VAR_LOG_LEVEL": "warning",
+    "VAR_FIDELITY_RATE": "1",  # every litevar request sampled: the quality row's live panels get samples
 }
+FIDELITY_VARIANTS = {"litevar"}  # shadow fidelity scores the variants other than its reference (baseline)
 
 
 class Prometheus:
@@ -172,8 +176,10 @@ def check(q: Query, result: list[dict[str, Any]]) -> None:
         value = float(sample["value"][1])
         assert math.isfinite(value), f"{q.name}: {sample['metric']} is {value}: {q.expr}"
     found = {s["metric"].get("variant") for s in result} - {None}
+    scored = any(name.startswith("var_fidelity_") for name in metric_names(q.expr))
+    expected = FIDELITY_VARIANTS if scored else set(VARIANTS)
     if found or "{{variant}}" in q.legend:
-        assert set(VARIANTS) <= found, f"{q.name}: series for {sorted(found)}, not for both {VARIANTS}: {q.expr}"
+        assert expected <= found, f"{q.name}: series for {sorted(found)}, not for {sorted(expected)}: {q.expr}"
     if {"baseline", "compressed"} <= referenced_variables(q.expr):
         assert len(result) == 1, f"ratio panel {q.name}: one number, not {len(result)}"
         assert float(result[0]["value"][1]) > 0, f"ratio panel {q.name}: {result[0]['value'][1]}"
@@ -199,6 +205,11 @@ def test_every_dashboard_query_answers_on_a_live_prometheus(tmp_path: Path) -> N
         budget.wait_for(
             f"Prometheus seeing the {answered} answers",
             lambda: prom.scalar("sum(var_requests_total)") == answered,
+            15,
+        )
+        budget.wait_for(
+            "a litevar request scored by shadow fidelity",
+            lambda: prom.scalar('sum(var_fidelity_samples_total{variant="litevar"})') > 0,
             15,
         )
         time.sleep(SCRAPE_S)  # one more scrape with nothing new

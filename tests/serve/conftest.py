@@ -69,7 +69,8 @@ def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
     """Settings for tests: no warm-up unless asked (it is tested on its own), small limits, and the test
     process's own thread count (a service sets torch's threads process-wide). Missing plans are not calibrated
     unless asked: a service saves the plans it calibrates beside the checkpoint, and the session's folders are
-    shared by every test (those that calibrate serve a copy: `demo_without_plans`)."""
+    shared by every test (those that calibrate serve a copy: `demo_without_plans`). Shadow fidelity is off
+    unless asked (tests/serve/test_fidelity.py): its random share of requests would add work at random."""
     values: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
         "model_dir": folder,
@@ -78,6 +79,7 @@ def serve_settings(folder: Path, **overrides: Any) -> ServeSettings:
         "max_batch_size": 4,
         "max_wait_ms": 0,
         "calibrate_missing_plans": False,
+        "fidelity_rate": 0.0,
     }
     return ServeSettings(**(values | overrides))
 

@@ -4,6 +4,7 @@ values: event-loop state without a model."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -72,6 +73,22 @@ def test_expire_among_the_rows_of_a_batch_ends_only_those_past_their_deadline() 
         rows = q.next_batch(now=1.5, max_batch_size=4, max_wait_s=0).rows
         q.expire(now=3.0, among=[r.pending for r in rows])  # taken rows are no longer waiting, still awaited
         assert not q.awaited(late) and q.awaited(timely)
+
+    on_loop(body)
+
+
+def test_idle_time_counts_from_the_end_of_the_last_accepted_request() -> None:
+    async def body(q: RequestQueue) -> None:
+        first, second = pending("a", 1, arrived=1.0), pending("a", 1, arrived=2.0)
+        q.add(first), q.add(second)
+        assert q.idle_for(time.monotonic() + 5) == 0.0
+        q.finish(first, DeadlineExceeded(60.0, computed=False))
+        assert q.idle_for(time.monotonic() + 5) == 0.0  # the second is still accepted
+        q.withdraw(second)
+        ended = time.monotonic()
+        assert q.idle_for(ended + 5) == pytest.approx(5, abs=0.5)
+        q.withdraw(second)  # ending it again changes nothing
+        assert q.idle_for(ended + 5) == pytest.approx(5, abs=0.5)
 
     on_loop(body)
 

@@ -31,6 +31,8 @@ T = TypeVar("T")
 # pipeline; it may raise (a poison row, MemoryError), sleep or block (a slow or stuck batch), or return other
 # images (NaN pixels).
 Fault = Callable[[list[BatchRow], torch.Tensor], torch.Tensor]
+# Told of every delivered batch after its requests have their images (shadow fidelity samples from them)
+DeliveryObserver = Callable[[str, list[BatchRow], BatchOutput], None]
 
 
 class EngineCore:
@@ -53,6 +55,7 @@ class EngineCore:
         self.limit = BatchLimit(max_batch_size, oom_backoff_batches)
         self.requests = RequestQueue()
         self.watchdog = Watchdog(watchdog_s)  # also the running mean of a batch's (a step's) seconds
+        self.on_delivered: DeliveryObserver | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="var-engine")
 
     @property
@@ -139,6 +142,8 @@ class EngineCore:
                     p.stage_s[k] = p.stage_s.get(k, 0.0) + v
                 if all(im is not None for im in p.images):
                     self.requests.finish(p, result_of(p))
+        if self.on_delivered is not None:
+            self.on_delivered(variant, rows, out)
 
 
 def result_of(p: Pending) -> GenerationResult:

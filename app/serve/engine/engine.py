@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from app.serve.engine.core import EngineCore, Fault
 from app.serve.engine.errors import BatchFailed, DeadlineExceeded, Draining, NotReady, QueueFull, UnknownVariant
+from app.serve.engine.fidelity import ShadowFidelity
 from app.serve.engine.lifecycle import DRAINING_RETRY_AFTER_S, Lifecycle, Phase
 from app.serve.engine.policy import make_policy
 from app.serve.engine.requests import GenerationRequest, GenerationResult, Pending
@@ -59,6 +60,8 @@ class Engine:
         overlap_decode: bool = False,
         lifecycle: Lifecycle | None = None,
         variants: Mapping[str, VariantStatus] | None = None,
+        fidelity_rate: float = 0.0,
+        fidelity_reference: str = "baseline",
     ):
         self.policy = policy
         # every configured variant, those still starting or failed included (their requests are refused
@@ -73,6 +76,12 @@ class Engine:
         )  # fmt: skip
         self.batching = make_policy(policy, core, overlap_decode)
         self._scheduler: asyncio.Task[None] | None = None
+        # shadow fidelity (fidelity.py): off at rate 0
+        self.fidelity = ShadowFidelity(core, reference=fidelity_reference, rate=fidelity_rate)
+        self._scorer: asyncio.Task[None] | None = None
+        if fidelity_rate > 0:
+            core.on_delivered = self.fidelity.offer
+            metrics.watch_fidelity(fidelity_reference)
         for name in core.pipelines:
             self._watch(name)
         metrics.batch_limit.set_function(lambda: core.limit.current)
@@ -107,6 +116,8 @@ class Engine:
             raise RuntimeError(f"the engine is {self.lifecycle.phase}; it starts once")
         self._scheduler = asyncio.get_running_loop().create_task(self.batching.run(), name="var-engine-scheduler")
         self._scheduler.add_done_callback(self._scheduler_ended)
+        if self.fidelity.rate > 0:
+            self._scorer = asyncio.get_running_loop().create_task(self.fidelity.run(), name="var-fidelity-scorer")
         self.lifecycle.move(Phase.READY)
 
     async def add_variant(self, name: str, pipeline: Pipeline) -> None:
@@ -127,10 +138,10 @@ class Engine:
 
     async def stop(self) -> None:
         self.lifecycle.stop()
-        if self._scheduler:
-            self._scheduler.cancel()
+        for task in filter(None, (self._scorer, self._scheduler)):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # a crash was logged when it happened
-                await self._scheduler
+                await task
         self._refuse_accepted("stopped")
         self.core.close()
         self.batching.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class RequestQueue:
         self._waiting: list[Pending] = []  # in arrival order, each with rows not yet handed to a batch
         self._futures: dict[Pending, asyncio.Future[GenerationResult]] = {}  # accepted, not answered
         self._wakeup = asyncio.Event()  # set when there is something new to schedule
+        self._idle_since: float | None = time.monotonic()  # when the last accepted request ended; None: one is
 
     def __len__(self) -> int:
         """Requests accepted and not yet answered."""
@@ -74,9 +76,14 @@ class RequestQueue:
 
     def add(self, pending: Pending) -> asyncio.Future[GenerationResult]:
         future = self._futures[pending] = asyncio.get_running_loop().create_future()
+        self._idle_since = None
         self._waiting.append(pending)
         self.notify()
         return future
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the last accepted request ended (0 while one is accepted and unanswered)."""
+        return 0.0 if self._idle_since is None else now - self._idle_since
 
     def awaited(self, pending: Pending) -> bool:
         """Whether someone still waits for the request's answer."""
@@ -149,7 +156,10 @@ class RequestQueue:
         pending.close()
         with contextlib.suppress(ValueError):
             self._waiting.remove(pending)
-        return self._futures.pop(pending, None)
+        future = self._futures.pop(pending, None)
+        if future is not None and not self._futures:
+            self._idle_since = time.monotonic()
+        return future
 
     def _compact(self) -> None:
         self._waiting = [p for p in self._waiting if p.rows_waiting]

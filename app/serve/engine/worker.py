@@ -21,7 +21,7 @@ from app.model.timing import Stage, StageTimer
 
 class Pipeline(Protocol):
     """What the engine needs of a pipeline (`VARPipeline`): `generate` for the `whole` policy; `new_pool`,
-    `start`, `step_all` and `finish` for the `scale` policy."""
+    `start`, `step_all` and `finish` for the `scale` policy; `start` and `forced_step` for shadow fidelity."""
 
     @property
     def device(self) -> torch.device: ...
@@ -43,6 +43,8 @@ class Pipeline(Protocol):
 
     def finish(self, rollout: Rollout, timer: StageTimer) -> torch.Tensor: ...
 
+    def forced_step(self, rollout: Rollout, tokens_Bl: torch.Tensor) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class BatchOutput:
@@ -51,6 +53,7 @@ class BatchOutput:
     kv_cache_bytes: int  # allocated by the pipeline for this batch
     peak_bytes: int | None  # `peak_above_start` of the batch; None where not measurable
     finite: list[bool] = dataclasses.field(default_factory=list)  # per image: every pixel finite
+    tokens: torch.Tensor | None = None  # (B, L) int64 on the CPU: each image's tokens over every scale
 
 
 def compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], seeds: list[int]) -> BatchOutput:
@@ -58,7 +61,8 @@ def compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], see
     timer = StageTimer(pipe.device)
     with peak_above_start(pipe.device) as peak:
         gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
-    return BatchOutput(gen.images.float().cpu(), timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes)
+    images, tokens = gen.images.float().cpu(), torch.cat(gen.tokens, dim=1).cpu()
+    return BatchOutput(images, timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes, tokens=tokens)
 
 
 def finite_rows(images_BCHW: torch.Tensor) -> list[bool]:
