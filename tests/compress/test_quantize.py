@@ -110,9 +110,10 @@ def test_int_mm_matches_fbgemm_at_any_shape() -> None:
 
 
 def test_int_mm_linear_is_exact_int8_arithmetic_on_cpu() -> None:
-    """Unpadded on CPU, at shapes cuBLAS refuses: the int32 sums equal int64 ones, dequantized elementwise."""
+    """Unpadded on CPU, at shapes cuBLAS refuses: the int32 sums equal int64 ones, dequantized elementwise; the
+    last shape's output is large enough to be converted and scaled by several threads."""
     gen = torch.Generator().manual_seed(2)
-    for rows, n_in, n_out in [(1, 30, 21), (5, 1024, 40), (17, 24, 16)]:
+    for rows, n_in, n_out in [(1, 30, 21), (5, 1024, 40), (17, 24, 16), (300, 64, 1100)]:
         x = torch.randn(rows, n_in, generator=gen) * 3
         weight, weight_scale = quantize_weight(torch.randn(n_out, n_in, generator=gen))
         x_scale = x.abs().amax(dim=1, keepdim=True) / 127
