@@ -300,15 +300,20 @@ class ServeMetrics:
             peak = self._batch_peak_max[variant] = max(self._batch_peak_max.get(variant, 0), peak_bytes)
             self.batch_peak_bytes.labels(variant).set(peak)
 
-    def watch_fidelity(self, reference: str) -> None:
-        """Export shadow fidelity's series of every variant but the reference at 0 from the start."""
+    def watch_fidelity(self, reference: str, scales: int) -> None:
+        """Export shadow fidelity's series of every variant but the reference at 0 from the start, those of its
+        `scales` scales too, so that rate() sees the first sample scored."""
         for v in self.variants:
-            if v != reference:
-                self.fidelity_kl.labels(v, reference)
-                self.fidelity_agreement.labels(v, reference)
-                self.fidelity_scored.labels(v, reference)
-                for reason in FidelityDrop:
-                    self.fidelity_dropped.labels(v, reason)
+            if v == reference:
+                continue
+            self.fidelity_kl.labels(v, reference)
+            self.fidelity_agreement.labels(v, reference)
+            self.fidelity_scored.labels(v, reference)
+            for scale in range(scales):
+                self.fidelity_scale_kl.labels(v, reference, str(scale))
+                self.fidelity_scale_agreement.labels(v, reference, str(scale))
+            for reason in FidelityDrop:
+                self.fidelity_dropped.labels(v, reason)
 
     def record_fidelity(self, variant: str, reference: str, fidelity: Fidelity) -> None:
         self.fidelity_kl.labels(variant, reference).observe(fidelity.kl)

@@ -109,6 +109,9 @@ def test_scores_are_those_of_each_requests_own_first_image(demo_pipeline: VARPip
 
     async def scenario() -> Engine:
         e = engine({"baseline": demo_pipeline, "other": damaged}, max_wait_s=60.0)  # one batch of four
+        for scale in range(len(demo_pipeline.steps)):  # exported at 0 before any sample: rate() sees the first
+            labels = {**REF, "scale": str(scale)}
+            assert e.metrics.registry.get_sample_value("var_fidelity_scale_kl_count", labels) == 0.0
         await asyncio.gather(e.generate(request("other", 2, (21, 22))), e.generate(request("other", 5, (23, 24))))
         await e.generate(request("baseline", 3, (25, 26, 27, 28)))  # the reference's own: not sampled
         await scored(e, 2)

@@ -81,7 +81,7 @@ class Engine:
         self._scorer: asyncio.Task[None] | None = None
         if fidelity_rate > 0:
             core.on_delivered = self.fidelity.offer
-            metrics.watch_fidelity(fidelity_reference)
+            metrics.watch_fidelity(fidelity_reference, len(next(iter(core.pipelines.values())).steps))
         for name in core.pipelines:
             self._watch(name)
         metrics.batch_limit.set_function(lambda: core.limit.current)

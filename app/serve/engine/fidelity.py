@@ -51,6 +51,8 @@ class Sample:
 
 
 class ShadowFidelity:
+    """The sampler (`offer`, on delivery) and the scorer (`run`, a task of the engine) of one engine."""
+
     def __init__(
         self,
         core: EngineCore,
