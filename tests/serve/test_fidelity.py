@@ -71,7 +71,8 @@ def damaged(demo_pipeline: VARPipeline) -> VARPipeline:
 def delivered(core: EngineCore, rows: Sequence[tuple[int, bool]]) -> tuple[list[BatchRow], BatchOutput]:
     """A delivered batch of rows (row index within its request, finite), each of a request of its own."""
     batch = [BatchRow(Pending(request("other", 1, (0, 1)), 0.0, 60.0), row) for row, _ in rows]
-    out = BatchOutput(torch.zeros(len(rows), 3, 8, 8), {}, 0, None, [f for _, f in rows], torch.zeros(len(rows), 5))
+    tokens = [torch.zeros(len(rows), 1), torch.zeros(len(rows), 4)]  # two scales
+    out = BatchOutput(torch.zeros(len(rows), 3, 8, 8), {}, 0, None, [f for _, f in rows], tokens)
     return batch, out
 
 

@@ -47,7 +47,7 @@ class Sample:
     variant: str
     label: int
     params: SamplingParams
-    tokens_L: torch.Tensor  # one image's tokens over every scale, on the CPU
+    tokens_L: torch.Tensor  # one image's tokens over every scale, on the pipeline's device
 
 
 class ShadowFidelity:
@@ -74,11 +74,12 @@ class ShadowFidelity:
     def offer(self, variant: str, rows: list[BatchRow], out: BatchOutput) -> None:
         """After a batch is delivered: sample the requests whose first image it holds, finite, each with
         probability `rate`, unless they are the reference's own."""
-        if self.rate == 0.0 or variant == self.reference or out.tokens is None:
+        if self.rate == 0.0 or variant == self.reference or not out.tokens:
             return
-        for r, tokens_L, finite in zip(rows, out.tokens, out.finite, strict=True):
+        for i, (r, finite) in enumerate(zip(rows, out.finite, strict=True)):
             if r.row == 0 and finite and self.chance() < self.rate:
                 q = r.pending.request
+                tokens_L = torch.cat([t[i] for t in out.tokens])  # only a sampled image's are gathered
                 self._add(Sample(variant, q.class_label, q.params, tokens_L))
 
     def _add(self, sample: Sample) -> None:

@@ -29,8 +29,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from app.model.kv_cache import KVLease, KVPool
 from app.model.memory import peak_above_start
 from app.model.rollout import Rollout
@@ -255,8 +253,7 @@ class ScaleBatching:
         rollout = _rollout(cohort)
         images = self.core.pipelines[cohort.variant].finish(rollout, timer).float().cpu()
         images, finite = self.core.checked(cohort.rows, images)
-        tokens = torch.cat(rollout.tokens, dim=1).cpu()
-        return BatchOutput(images, {}, rollout.cache_bytes, None, finite, tokens)
+        return BatchOutput(images, {}, rollout.cache_bytes, None, finite, rollout.tokens)
 
     # ---- after the step, on the event loop ----------------------------------------------------------
     async def _settle(self, outcome: StepOutcome) -> None:

@@ -53,7 +53,7 @@ class BatchOutput:
     kv_cache_bytes: int  # allocated by the pipeline for this batch
     peak_bytes: int | None  # `peak_above_start` of the batch; None where not measurable
     finite: list[bool] = dataclasses.field(default_factory=list)  # per image: every pixel finite
-    tokens: torch.Tensor | None = None  # (B, L) int64 on the CPU: each image's tokens over every scale
+    tokens: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per scale (B, l), as the pipeline made them
 
 
 def compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], seeds: list[int]) -> BatchOutput:
@@ -61,8 +61,9 @@ def compute(pipe: Pipeline, labels: list[int], params: list[SamplingParams], see
     timer = StageTimer(pipe.device)
     with peak_above_start(pipe.device) as peak:
         gen = pipe.generate(labels, params, seeds=seeds, timer=timer)
-    images, tokens = gen.images.float().cpu(), torch.cat(gen.tokens, dim=1).cpu()
-    return BatchOutput(images, timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes, tokens=tokens)
+    return BatchOutput(
+        gen.images.float().cpu(), timer.stage_seconds(), gen.kv_cache_bytes, peak.bytes, tokens=gen.tokens
+    )
 
 
 def finite_rows(images_BCHW: torch.Tensor) -> list[bool]:
