@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import httpx
 from app.bench import prometheus_text
 from app.bench.launcher import launched
 from app.bench.served import closed_loop_rate, one_client_seconds
+from app.bench.stats import median, percentile
 from app.model.sampling import SamplingParams
 from app.serve.settings import ServeSettings
 
@@ -41,7 +41,7 @@ class RateFigures:
     rounds: list[dict[str, float]] = field(default_factory=list)  # one per round: figure -> value
 
     def median(self, figure: str) -> float:
-        return statistics.median(r[figure] for r in self.rounds)
+        return median(r[figure] for r in self.rounds)
 
 
 def fidelity_counts(url: str) -> tuple[float, float]:
@@ -66,8 +66,8 @@ def measure_rate(a: argparse.Namespace, rate: float, round_: int) -> dict[str, f
             scored0, _ = fidelity_counts(server.url)
             first_seed = 10_000 * (round_ + 1) + 1000 * i
             seconds = one_client_seconds(server.url, VARIANT, params, a.requests, first_seed, pause_s)
-            figures[f"{phase}_p50_s"] = statistics.median(seconds)
-            figures[f"{phase}_p90_s"] = statistics.quantiles(seconds, n=10)[-1]
+            figures[f"{phase}_p50_s"] = median(seconds)
+            figures[f"{phase}_p90_s"] = percentile(seconds, 90)
             figures[f"{phase}_scored"] = fidelity_counts(server.url)[0] - scored0
         scored0, dropped0 = fidelity_counts(server.url)
         figures["images_per_s"] = asyncio.run(

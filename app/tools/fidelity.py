@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app.bench.stats import median, percentile
 from app.compress import VARIANTS, apply_variant, variant_spec
 from app.compress.plans import plans_for
 from app.model.checkpoint import load_folder
@@ -40,8 +41,7 @@ def measure(pipe: VARPipeline, reference: VARPipeline, images: int, batch_size: 
 
 def summary(name: str, scored: list[Fidelity]) -> dict[str, Any]:
     def spread(values: list[float]) -> dict[str, float]:
-        deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
-        return {"p10": deciles[0], "median": statistics.median(values), "p90": deciles[-1]}
+        return {"p10": percentile(values, 10), "median": median(values), "p90": percentile(values, 90)}
 
     def by_scale(metric: str) -> list[float]:
         return [statistics.fmean(getattr(f.scales[s], metric) for f in scored) for s in range(len(scored[0].scales))]
