@@ -11,7 +11,8 @@ ARG PYTHON_VERSION=3.11
 
 # ---------------------------------------------------------------------------------------------------------
 # base: Python and a C++ compiler. torch.compile (Inductor) compiles the kernels of the compiled variants
-# (`compiled`, `autotuned`, `fastest`) with g++ at run time, on the CPU and for Triton's launchers on CUDA.
+# (`compiled`, `autotuned`, `fastest`, and `litevar` where compiled is faster) with g++ at run time, on the CPU and
+# for Triton's launchers on CUDA.
 FROM python:${PYTHON_VERSION}-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

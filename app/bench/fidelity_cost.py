@@ -1,7 +1,8 @@
 """`python -m app.bench fidelity`: what shadow fidelity costs the clients, fidelity off against on, same run.
 
 For each rate (`--rates`, default 0, the service's default and 1), a server of the demo model (baseline and
-litevar) is started with `VAR_FIDELITY_RATE` at that rate, and litevar is measured in three phases:
+`--variant`, default litevar) is started with `VAR_FIDELITY_RATE` at that rate, and that variant is measured
+in three phases:
 - back to back: the median and p90 latency of one client's one-image requests, each sent as soon as the last
   was answered (the gaps are too short for the scorer, which waits for 20 ms without a request);
 - paced: the same with `--pause-ms` between an answer and the next request, idle time the scorer takes, so
@@ -31,7 +32,6 @@ from app.bench.stats import median, percentile
 from app.model.sampling import SamplingParams
 from app.serve.settings import ServeSettings
 
-VARIANT = "litevar"
 PHASES = ("back_to_back", "paced")  # one client each; then the saturated phase
 
 
@@ -44,17 +44,17 @@ class RateFigures:
         return median(r[figure] for r in self.rounds)
 
 
-def fidelity_counts(url: str) -> tuple[float, float]:
-    """(scored, dropped) samples of litevar so far."""
+def fidelity_counts(url: str, variant: str) -> tuple[float, float]:
+    """(scored, dropped) samples of `variant` so far."""
     samples = prometheus_text.scrape(f"{url}/metrics")
-    scored = prometheus_text.total(samples, "var_fidelity_samples_total", variant=VARIANT)
-    return scored, prometheus_text.total(samples, "var_fidelity_dropped_total", variant=VARIANT)
+    scored = prometheus_text.total(samples, "var_fidelity_samples_total", variant=variant)
+    return scored, prometheus_text.total(samples, "var_fidelity_dropped_total", variant=variant)
 
 
 def measure_rate(a: argparse.Namespace, rate: float, round_: int) -> dict[str, float]:
     env = {
         "VAR_MODEL_DIR": str(a.model_dir),
-        "VAR_VARIANTS": f"baseline,{VARIANT}",
+        "VAR_VARIANTS": f"baseline,{a.variant}",
         "VAR_QUEUE_CAPACITY": str(max(64, 2 * a.concurrency)),
         "VAR_FIDELITY_RATE": str(rate),
     }
@@ -63,17 +63,17 @@ def measure_rate(a: argparse.Namespace, rate: float, round_: int) -> dict[str, f
         info = httpx.get(f"{server.url}/models", timeout=10).json()
         params = SamplingParams(**info["defaults"])
         for i, (phase, pause_s) in enumerate(zip(PHASES, (0.0, a.pause_ms / 1000), strict=True)):
-            scored0, _ = fidelity_counts(server.url)
+            scored0, _ = fidelity_counts(server.url, a.variant)
             first_seed = 10_000 * (round_ + 1) + 1000 * i
-            seconds = one_client_seconds(server.url, VARIANT, params, a.requests, first_seed, pause_s)
+            seconds = one_client_seconds(server.url, a.variant, params, a.requests, first_seed, pause_s)
             figures[f"{phase}_p50_s"] = median(seconds)
             figures[f"{phase}_p90_s"] = percentile(seconds, 90)
-            figures[f"{phase}_scored"] = fidelity_counts(server.url)[0] - scored0
-        scored0, dropped0 = fidelity_counts(server.url)
+            figures[f"{phase}_scored"] = fidelity_counts(server.url, a.variant)[0] - scored0
+        scored0, dropped0 = fidelity_counts(server.url, a.variant)
         figures["images_per_s"] = asyncio.run(
-            closed_loop_rate(server.url, VARIANT, params, a.concurrency, a.load_requests)
+            closed_loop_rate(server.url, a.variant, params, a.concurrency, a.load_requests)
         )
-        scored1, dropped1 = fidelity_counts(server.url)
+        scored1, dropped1 = fidelity_counts(server.url, a.variant)
         figures["saturated_scored"], figures["saturated_dropped"] = scored1 - scored0, dropped1 - dropped0
     return figures
 
@@ -82,8 +82,8 @@ def _ms(r: RateFigures, figure: str) -> str:
     return f"{1000 * r.median(figure):>8.1f}"
 
 
-def print_table(rows: list[RateFigures]) -> None:
-    print(f"litevar served, by fidelity rate; medians of {len(rows[0].rounds)} rounds (scored: samples scored)")
+def print_table(variant: str, rows: list[RateFigures]) -> None:
+    print(f"{variant} served, by fidelity rate; medians of {len(rows[0].rounds)} rounds (scored: samples scored)")
     print(f"{'':>6} {'back to back':^26} {'paced':^26} {'saturated':^24}")
     cols = f"{'p50 ms':>8} {'p90 ms':>8} {'scored':>8}"
     print(f"{'rate':>6} {cols} {cols} {'images/s':>9} {'scored':>6} {'dropped':>7}")
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     default_rate = ServeSettings.model_fields["fidelity_rate"].default
     ap = argparse.ArgumentParser(prog="python -m app.bench fidelity", description=__doc__)
     ap.add_argument("--model-dir", type=Path, default=Path("model_store/demo"))
+    ap.add_argument("--variant", default="litevar", help="the variant measured, served beside the reference (baseline)")
     ap.add_argument("--rates", default=f"0,{default_rate},1", help="comma-separated VAR_FIDELITY_RATE values")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=100, help="one client's requests per phase and round")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row.rounds.append(measure_rate(a, row.rate, round_))
             print(f"round {round_ + 1}, rate {row.rate:g}: {row.rounds[-1]}", file=sys.stderr, flush=True)
-    print_table(rows)
+    print_table(a.variant, rows)
     if a.json:
         records: list[dict[str, Any]] = [{"rate": r.rate, "rounds": r.rounds} for r in rows]
         a.json.write_text(json.dumps(records, indent=1) + "\n")

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_attention_sharing, windowed_attention
-from app.compress.compiled import autotuned_step, compiled_step
+from app.compress.compiled import autotuned_step, compiled_step, compiled_where_faster, compiles_where_faster
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
 from app.compress.int8_decoder import Int8Decoder, int8_vqvae
 from app.compress.plans import NO_PLANS, Plans
 from app.compress.quantize import MixedPrecision, quantize_linears
-from app.compress.registry import PassFn, PassSpec, PlanKind, Step, VariantSpec
+from app.compress.registry import DeviceTest, PassFn, PassSpec, PlanKind, Step, VariantSpec, nowhere
 from app.model.pipeline import VARPipeline
 
 
@@ -43,12 +43,19 @@ def _spec(
     summary: str,
     plan: PlanKind | None = None,
     *,
-    compiles_on: frozenset[str] = frozenset(),
+    compiles_on: DeviceTest = nowhere,
 ) -> PassSpec:
     return PassSpec(function.__name__, function, options_type, summary, plan, compiles_on)
 
 
-EVERY_DEVICE = frozenset({"cpu", "cuda"})
+def every_device(device: torch.device) -> bool:
+    return True
+
+
+def cuda_only(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 DEVICE_DEFAULT_PRECISION = _spec(
     device_default_precision,
     None,
@@ -64,7 +71,7 @@ WINDOWED_ATTENTION = _spec(
     WindowedAttention,
     "Multi-diagonal windowed attention: each head attends only to the (query, key) pairs its windows keep.",
     PlanKind.WINDOWS,
-    compiles_on=frozenset({"cuda"}),  # its GPU kernel is FlexAttention, compiled per shape (attention.py)
+    compiles_on=cuda_only,  # its GPU kernel is FlexAttention, compiled per shape (attention.py)
 )
 CFG_ATTENTION_SHARING = _spec(
     cfg_attention_sharing,
@@ -99,13 +106,20 @@ COMPILED_STEP = _spec(
     compiled_step,
     None,
     "The per-scale step and the VQVAE decoder under torch.compile (Inductor), weights unchanged.",
-    compiles_on=EVERY_DEVICE,
+    compiles_on=every_device,
+)
+COMPILED_WHERE_FASTER = _spec(
+    compiled_where_faster,
+    None,
+    "compiled_step where the hardware table says a step with int8 layers runs faster compiled (VNNI, AMX, "
+    "CUDA) and the machine can build compiled code; eager elsewhere (AVX2, where the int8 kernel is fbgemm's).",
+    compiles_on=compiles_where_faster,
 )
 AUTOTUNED_STEP = _spec(
     autotuned_step,
     None,
     "The step compiled with frozen weights and autotuned GEMMs; the decoder as in compiled_step.",
-    compiles_on=EVERY_DEVICE,
+    compiles_on=every_device,
 )
 PASSES: dict[str, PassSpec] = {
     spec.name: spec
@@ -119,6 +133,7 @@ PASSES: dict[str, PassSpec] = {
         INT8_VQVAE,
         GUIDANCE_OFF_LAST,
         COMPILED_STEP,
+        COMPILED_WHERE_FASTER,
         AUTOTUNED_STEP,
     )
 }
@@ -127,8 +142,9 @@ DEVICE_PRECISION = Step(DEVICE_DEFAULT_PRECISION)
 LAST_SCALE_UNGUIDED = Step(GUIDANCE_OFF_LAST, GuidanceOff(scales=1))
 # the paper's recipe: windows + sharing + W8A8 with fc2 in 16-bit weights; our sensitivity study and memory
 # target add: word_embed in float32, int4 AdaLN weights, bf16-stored VQVAE, its decoder in int8 where int8 is
-# native (within the baseline's seed-to-seed spread in both feature spaces: docs/evaluation.md)
-LITEVAR = (
+# native (within the baseline's seed-to-seed spread in both feature spaces: docs/evaluation.md); eager here,
+# compiled where that is faster in `litevar` itself
+LITEVAR_EAGER = (
     DEVICE_PRECISION,
     Step(WINDOWED_ATTENTION),
     Step(CFG_ATTENTION_SHARING),
@@ -139,7 +155,12 @@ LITEVAR = (
 VARIANTS: dict[str, VariantSpec] = {
     "baseline": VariantSpec("the checkpoint as released, at the device's default precision", (DEVICE_PRECISION,)),
     "bf16": VariantSpec("bfloat16 autocast on every device", (Step(AUTOCAST_BF16),)),
-    "litevar": VariantSpec("LiteVAR: windowed and shared attention, mixed-precision weights", LITEVAR),
+    "litevar": VariantSpec(
+        "LiteVAR: windowed and shared attention, mixed-precision weights; its step compiled where that is faster",
+        (*LITEVAR_EAGER, Step(COMPILED_WHERE_FASTER)),
+    ),
+    # for a start without compiling (seconds instead of minutes), and to measure what compiling gains
+    "litevar-eager": VariantSpec("LiteVAR's passes, never compiled", LITEVAR_EAGER),
     # each pass alone
     "windows": VariantSpec("windowed attention alone", (DEVICE_PRECISION, Step(WINDOWED_ATTENTION))),
     "cfg-share": VariantSpec("attention sharing across CFG alone", (DEVICE_PRECISION, Step(CFG_ATTENTION_SHARING))),
@@ -180,7 +201,7 @@ VARIANTS: dict[str, VariantSpec] = {
     # eager: each int8 layer on the hardware table's kernel (fbgemm on AVX2), LiteVAR's weights in full
     "fastest-int8": VariantSpec(
         "the fast variant with int8 weights, eager: LiteVAR plus guidance off for the last scale",
-        (*LITEVAR, LAST_SCALE_UNGUIDED),
+        (*LITEVAR_EAGER, LAST_SCALE_UNGUIDED),
     ),
 }
 

@@ -36,19 +36,24 @@ tests/compress/test_compiled.py), not by construction as with `compiled_step`.
 from __future__ import annotations
 
 import functools
+import logging
+import sysconfig
 import threading
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import torch
 
 from app.compress.decoder import is_prepacked
+from app.compress.hardware import compiled_faster
 from app.compress.quantize import Int8Linear
 from app.model.kv_cache import ScaleStep
 from app.model.pipeline import VARPipeline
 from app.model.row_stable import MIN_ROWS
 
+log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -140,6 +145,34 @@ def _under(settings: dict[str, Any], fn: Callable[..., Any]) -> Callable[..., An
 def compiled_step(pipe: VARPipeline) -> VARPipeline:
     """The per-scale step and the VQVAE decoder under torch.compile (Inductor), weights unchanged."""
     return _install(pipe, _compile)
+
+
+def cpu_compiler_missing() -> str | None:
+    """What Inductor's CPU code needs to build and this machine lacks (a C++ compiler, Python's headers), else
+    None. Without them a compiled step fails at its first call."""
+    try:
+        torch._inductor.cpp_builder.get_cpp_compiler()
+    except Exception:  # Inductor raises its own error types when the search finds none
+        return f"a C++ compiler (one of {torch._inductor.config.cpp.cxx})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "Python's headers (Python.h)"
+    return None
+
+
+def compiles_where_faster(device: torch.device) -> bool:
+    """Whether `compiled_where_faster` compiles on `device`: where the hardware table says a step that keeps int8
+    layers runs faster compiled (`compiled_faster`) and, on the CPU, the machine can build the compiled code."""
+    return compiled_faster(device) and (device.type != "cpu" or cpu_compiler_missing() is None)
+
+
+def compiled_where_faster(pipe: VARPipeline) -> VARPipeline:
+    """`compiled_step` where the hardware table says a step with int8 layers runs faster compiled
+    (`compiled_faster`: torch._int_mm's CPUs and CUDA); elsewhere (fbgemm's CPUs) the pipeline as it is, eager.
+    Eager too, with a warning, on a CPU that lacks what compiling needs: slower, but serving."""
+    if compiled_faster(pipe.device) and not compiles_where_faster(pipe.device):
+        log.warning("the step stays eager: compiling it would be faster here, but this machine lacks %s",
+                    cpu_compiler_missing())  # fmt: skip
+    return compiled_step(pipe) if compiles_where_faster(pipe.device) else pipe
 
 
 def autotuned_step(pipe: VARPipeline) -> VARPipeline:

@@ -176,6 +176,22 @@ INT8_CONV: dict[Level, bool] = {
 }
 
 
+# Whether a pipeline that keeps its int8 layers (`litevar`) runs its step faster compiled than eager
+# (`compiled_where_faster`), per ISA level; CUDA: yes (torch._int_mm traces, and compiling removes the launch of
+# each small kernel; unmeasured until a GPU run of `make gpu-check`). Measured on avx512_bf16 (docs/benchmarks.md,
+# "litevar compiled"): compiled fuses the quantization and dequantization around each int8 GEMM, the norms and
+# GELU into generated kernels. avx512_vnni and amx follow (the same int8 kernel, torch._int_mm, which traces);
+# where it is fbgemm (avx2, avx512) compiling would split the graph at every int8 layer, so the step stays eager.
+COMPILED_FASTER: dict[Level, bool] = {
+    "amx": True,
+    "avx512_bf16": True,
+    "avx512_vnni": True,
+    "avx512": False,
+    "avx2": False,
+    "generic": False,  # not x86: unmeasured, so eager
+}
+
+
 def int8_kernel(device: torch.device | str, caps: Capabilities | None = None) -> Int8Kernel:
     """The int8 linear kernel for `device` from INT8_KERNELS; CPUs without fbgemm get torch._int_mm."""
     if torch.device(device).type != "cpu":
@@ -190,6 +206,12 @@ def bf16_native(device: torch.device | str, caps: Capabilities | None = None) ->
     """Whether bfloat16 matmuls are native on `device` (BF16_NATIVE; CUDA always)."""
     kind = torch.device(device).type
     return kind == "cuda" or (kind == "cpu" and BF16_NATIVE[(caps or detect()).level])
+
+
+def compiled_faster(device: torch.device | str, caps: Capabilities | None = None) -> bool:
+    """Whether a step with int8 layers runs faster compiled on `device` (COMPILED_FASTER; CUDA always)."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and COMPILED_FASTER[(caps or detect()).level])
 
 
 def int8_conv_native(device: torch.device | str, caps: Capabilities | None = None) -> bool:

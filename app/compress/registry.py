@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import torch
+
 from app.model.pipeline import VARPipeline
 
 PassFn = Callable[..., VARPipeline]
+DeviceTest = Callable[[torch.device], bool]
+
+
+def nowhere(device: torch.device) -> bool:
+    return False
 
 
 class PlanKind(StrEnum):
@@ -36,9 +43,9 @@ class PassSpec:
     options_type: type[Any] | None  # a dataclass of the function's keyword options; None: it takes none
     summary: str  # one line
     plan: PlanKind | None = None  # the checkpoint's plan the function takes as `plan`; None: it takes none
-    # device types ("cpu", "cuda") on which the pass puts code under torch.compile, so that a first call at a
-    # new batch shape compiles graphs (seconds to minutes) instead of computing at once
-    compiles_on: frozenset[str] = frozenset()
+    # whether the pass puts code under torch.compile on a device (by its type, or by the hardware table), so that
+    # a first call at a new batch shape compiles graphs (seconds to minutes) instead of computing at once
+    compiles_on: DeviceTest = nowhere
 
     def __post_init__(self) -> None:
         keywords = {
@@ -90,10 +97,10 @@ class VariantSpec:
     def uses(self, spec: PassSpec) -> bool:
         return any(step.spec is spec for step in self.steps)
 
-    def compiled(self, device_type: str) -> bool:
-        """Whether a pass compiles on this kind of device (`PassSpec.compiles_on`): the service then warms the
-        variant at each batch size that needs graphs of its own, and an eager one once."""
-        return any(device_type in step.spec.compiles_on for step in self.steps)
+    def compiled(self, device: torch.device) -> bool:
+        """Whether a pass compiles on this device (`PassSpec.compiles_on`): the service then warms the variant at
+        each batch size that needs graphs of its own, and an eager one once."""
+        return any(step.spec.compiles_on(device) for step in self.steps)
 
     def plans(self) -> frozenset[PlanKind]:
         """The checkpoint's plans its passes take."""

@@ -200,7 +200,7 @@ class Startup:
     async def _warm_up(self, variant: ServedVariant, status: VariantStatus) -> None:
         m = self.model
         sizes = warmup_batch_sizes(variant.spec, m.device, self.settings.max_batch_size, variant.pipeline.steps)
-        compiled = variant.spec.compiled(m.device.type)
+        compiled = variant.spec.compiled(m.device)
         if compiled and not self.compiled:
             await self._load_compiled()
         compiling = "compiling and " if compiled else ""

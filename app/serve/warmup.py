@@ -28,7 +28,7 @@ def warmup_batch_sizes(
     gets graphs of its own (`graph_batch_sizes`). Compiled on another device: every size up to
     `max_batch_size`, since FlexAttention (windowed attention on the GPU) compiles a graph per shape, and a
     GPU runs a warm-up call in moments."""
-    if not spec.compiled(device.type):
+    if not spec.compiled(device):
         return [1]
     if device.type == "cpu":
         return graph_batch_sizes(max_batch_size, steps)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_rates_are_measured_in_turns_and_scoring_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fidelity.json"
-    argv = ["--rates", "0,1", "--rounds", "1", "--requests", "6", "--concurrency", "2", "--load-requests", "4"]
+    argv = ["--variant", "litevar-eager", "--rates", "0,1", "--rounds", "1", "--requests", "6", "--concurrency", "2"]
+    argv += ["--load-requests", "4"]
     assert main([*argv, "--pause-ms", "100", "--json", str(out)]) == 0
     off, on = json.loads(out.read_text())
     assert (off["rate"], on["rate"]) == (0.0, 1.0)

@@ -1,5 +1,5 @@
 """`python -m app.bench load`: the arrival schedule, the verdict on each outcome, the RSS check, loopback only;
-and a short run against a started server (baseline and litevar of the demo model), whose JSON must say that
+and a short run against a started server (baseline and litevar-eager of the demo model), whose JSON must say that
 every request was answered or cancelled on purpose, none late, no 5xx, with 429s under overload and 422s
 for the invalid bodies."""
 
@@ -134,7 +134,7 @@ def test_only_the_loopback_address_is_loaded(url: str) -> None:
 @pytest.mark.slow
 def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, log = tmp_path / "load.json", tmp_path / "server.log"
-    args = ["load", "--model-dir", str(DEMO), "--variants", "baseline,litevar", "--server-log", str(log)]
+    args = ["load", "--model-dir", str(DEMO), "--variants", "baseline,litevar-eager", "--server-log", str(log)]
     args += ["--set", "VAR_MAX_BATCH_SIZE=4", "--set", "VAR_QUEUE_CAPACITY=8", "--set", "VAR_MAX_IMAGES_PER_REQUEST=4"]
     args += ["--capacity-requests", "16"]
     args += ["--duration", "10", "--timeout-s", "5", "--short-timeout-s", "1", "--grace-s", "5"]
@@ -156,7 +156,7 @@ def test_short_run_answers_every_request(tmp_path: Path, capsys: pytest.CaptureF
     overload = next(p for p in report["phases"] if p["name"] == "overload")
     refused = overload["by_status"].get("429", 0)
     assert refused > 0 and report["rejections"]["queue_full"] >= refused
-    for variant in ("baseline", "litevar"):
+    for variant in ("baseline", "litevar-eager"):
         v = report["variants"][variant]
         assert v["ok"] > 0 and 0 < v["p50_ms"] <= v["p95_ms"] <= v["p99_ms"] and v["images_per_second"] > 0
     rss = report["rss"]

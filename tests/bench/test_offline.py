@@ -114,7 +114,7 @@ def test_unknown_variant_is_refused() -> None:
 
 def test_compressed_variants_report_stored_bytes_and_attention_flops(tmp_path: Path) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = ["--checkpoint", str(DEMO), "--variants", "baseline,litevar,guidance-off", "--batch-sizes", "2"]
+    args = ["--checkpoint", str(DEMO), "--variants", "baseline,litevar-eager,guidance-off", "--batch-sizes", "2"]
     assert main([*args, "--runs", "1", "--json", str(out), "--plot", str(plot)]) == 0
     base, lite, late = json.loads(out.read_text())
     assert base["weight_bytes"] > 0 and base["attention_flops"] > lite["attention_flops"] > 0

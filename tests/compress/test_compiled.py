@@ -10,17 +10,22 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import app.compress.compiled as compiled_module
+from app.compress import VARIANTS, apply_variant
 from app.compress.attention_passes import cfg_attention_sharing, windowed_attention
 from app.compress.compiled import (
     ACCUMULATED_RECOMPILE_LIMIT,
     RECOMPILE_LIMIT,
     autotuned_step,
     compiled_step,
+    compiled_where_faster,
     graph_batch_sizes,
     with_dynamo_budgets,
 )
 from app.compress.guidance import guidance_off_last
-from app.compress.quantize import quantize_linears
+from app.compress.plans import Plans
+from app.compress.quantize import layer_kernels, quantize_linears
+from app.compress.sharing import SharingPlan, SharingSettings
 from app.compress.windows import DROP, WindowPlan, WindowSettings
 from app.model.pipeline import VARPipeline
 from tests.spread_weights import small_pipeline
@@ -38,13 +43,17 @@ def small() -> VARPipeline:
     return small_pipeline(depth=2, embed_dim=128, seed=3)
 
 
-def narrow_windows(pipe: VARPipeline) -> VARPipeline:
+def narrow_plan(pipe: VARPipeline) -> WindowPlan:
     cfg = pipe.config.var
     plan = WindowPlan.full(cfg.depth, cfg.num_heads, cfg.patch_nums, WindowSettings(dense_scales=1))
     last = len(cfg.patch_nums) - 1
     plan.windows[:, last, :last] = DROP  # the last scale sees only itself
     plan.windows[:, last, last] = 1
-    return windowed_attention(pipe, plan=plan)
+    return plan
+
+
+def narrow_windows(pipe: VARPipeline) -> VARPipeline:
+    return windowed_attention(pipe, plan=narrow_plan(pipe))
 
 
 def assert_same_generation(eager: VARPipeline, compiled: VARPipeline, labels: list[int], seeds: list[int]) -> None:
@@ -77,6 +86,52 @@ def test_compiled_guidance_off_and_sharing_match_eager(small: VARPipeline) -> No
     eager = guidance_off_last(narrow_windows(copy.deepcopy(small)), scales=1)
     eager = cfg_attention_sharing(eager, scales=(0, 1, 2))  # every scale: random weights have no sharing plan
     assert_same_generation(eager, compiled_step(copy.deepcopy(eager)), LABELS, SEEDS)
+
+
+@pytest.mark.slow
+def test_litevar_compiles_where_the_table_says_with_the_tokens_of_eager_litevar(
+    small: VARPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the hardware table says compiled is faster (AVX-512 BF16: int8 on torch._int_mm, fc2 in native
+    bfloat16, forced here) `litevar` is `litevar-eager` with its step compiled. Tolerance: every token equal
+    (the GEMMs are the same kernels and the int32 sums exact), images within 1e-5, an image independent of its
+    batch. On AVX2 (fbgemm's int8 layers) it stays eager."""
+    cfg = small.config.var
+    shares_last = torch.ones(cfg.depth, len(cfg.patch_nums), dtype=torch.float64)
+    shares_last[:, -1] = 0.0
+    plans = Plans(narrow_plan(small), SharingPlan(cfg.patch_nums, shares_last, SharingSettings(threshold=0.5)))
+    monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
+    eager = apply_variant("litevar-eager", copy.deepcopy(small), plans=plans)
+    compiled = apply_variant("litevar", copy.deepcopy(small), plans=plans)
+    assert compiled.step_fn != compiled.var.step and eager.step_fn == eager.var.step
+    assert layer_kernels(compiled) == layer_kernels(eager) and "int8/int_mm" in layer_kernels(compiled).values()
+    assert_same_generation(eager, compiled, [0, 3, 7], [21, 22, 23])
+    alone = compiled.generate([7], seeds=[23]).tokens
+    together = compiled.generate([0, 3, 7], seeds=[21, 22, 23]).tokens
+    assert all(t3[2].equal(t1[0]) for t3, t1 in zip(together, alone, strict=True))
+    monkeypatch.setenv("VAR_CPU_ISA", "avx2")
+    on_avx2 = apply_variant("litevar", copy.deepcopy(small), plans=plans)
+    assert on_avx2.step_fn == on_avx2.var.step and "int8/fbgemm" in layer_kernels(on_avx2).values()
+
+
+def test_litevar_stays_eager_on_a_machine_that_cannot_build_compiled_code(
+    small: VARPipeline, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a C++ compiler or Python's headers a compiled step fails at its first call: litevar, compiled
+    only for speed, serves eager instead, says why, and is not warmed as a compiled variant."""
+    monkeypatch.setenv("VAR_CPU_ISA", "avx512_bf16")
+    assert compiled_module.cpu_compiler_missing() is None  # this machine builds compiled code (its tests do)
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",)}):
+        assert "C++ compiler" in str(compiled_module.cpu_compiler_missing())
+    with monkeypatch.context() as m:
+        m.setattr(compiled_module.sysconfig, "get_paths", lambda: {"include": "/nonexistent"})
+        assert compiled_module.cpu_compiler_missing() == "Python's headers (Python.h)"
+        assert not VARIANTS["litevar"].compiled(torch.device("cpu")) and VARIANTS["fastest"].compiled(
+            torch.device("cpu")
+        )
+        pipe = compiled_where_faster(quantize_linears(copy.deepcopy(small)))
+    assert pipe.step_fn == pipe.var.step
+    assert "the step stays eager" in caplog.text and "Python.h" in caplog.text
 
 
 def test_compiling_fills_the_pipeline_hooks_and_fixed_budgets_leaving_modules_untouched(small: VARPipeline) -> None:

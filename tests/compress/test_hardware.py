@@ -11,9 +11,11 @@ import torch
 from app.compress.hardware import (
     AMX,
     AVX512,
+    COMPILABLE_INT8,
     LEVELS,
     Capabilities,
     bf16_native,
+    compiled_faster,
     detect,
     detected,
     fbgemm_blocks,
@@ -70,22 +72,25 @@ def test_an_unknown_level_is_refused_with_the_known_ones(monkeypatch: pytest.Mon
         detect()
 
 
-EXPECTED = {  # level -> (int8 kernel, native bf16, precisions a compiled step keeps)
-    "generic": ("int_mm", False, {"int4", "int8"}),
-    "avx2": ("fbgemm", False, {"int4"}),
-    "avx512": ("fbgemm", False, {"int4"}),
-    "avx512_vnni": ("int_mm", False, {"int4", "int8"}),
-    "avx512_bf16": ("int_mm", True, {"int4", "int8", "bf16"}),
-    "amx": ("int_mm", True, {"int4", "int8", "bf16"}),
+EXPECTED = {  # level -> (int8 kernel, native bf16, precisions a compiled step keeps, litevar compiled)
+    "generic": ("int_mm", False, {"int4", "int8"}, False),
+    "avx2": ("fbgemm", False, {"int4"}, False),
+    "avx512": ("fbgemm", False, {"int4"}, False),
+    "avx512_vnni": ("int_mm", False, {"int4", "int8"}, True),
+    "avx512_bf16": ("int_mm", True, {"int4", "int8", "bf16"}, True),
+    "amx": ("int_mm", True, {"int4", "int8", "bf16"}, True),
 }
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_kernel_choice_per_forced_level(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel, native, compilable = EXPECTED[level]
+    kernel, native, compilable, compiled = EXPECTED[level]
     monkeypatch.setenv("VAR_CPU_ISA", level)
     assert int8_kernel(CPU) == kernel and bf16_native(CPU) == native
     assert compilable_precisions(CPU) == compilable
+    assert compiled_faster(CPU) == compiled and compiled_faster("cuda")
+    # compiled only where the int8 kernel traces: fbgemm's packed layers would split the graph at every layer
+    assert not compiled or kernel in COMPILABLE_INT8
     lin = torch.nn.Linear(64, 32)
     assert Int8Linear.from_linear(lin).kernel == kernel  # the layers' defaults come from the table
     assert BF16WeightLinear.from_linear(lin).native == native

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from app.compress import (
     GUIDANCE_OFF_LAST,
@@ -35,7 +36,8 @@ LITEVAR = [DEFAULT, *ATTENTION, "quantize_linears", "int8_vqvae"]
 PASSES_OF = {
     "baseline": [DEFAULT],
     "bf16": ["autocast_bf16"],
-    "litevar": LITEVAR,
+    "litevar": [*LITEVAR, "compiled_where_faster"],
+    "litevar-eager": LITEVAR,
     "windows": [DEFAULT, "windowed_attention"],
     "cfg-share": [DEFAULT, "cfg_attention_sharing"],
     "w8a8": [DEFAULT, "quantize_linears"],
@@ -64,7 +66,7 @@ def test_every_variant_keeps_its_passes_in_order() -> None:
         options = [step.options for step in VARIANTS[name].steps if step.spec is GUIDANCE_OFF_LAST]
         assert options == [GuidanceOff(scales=1)], name
     windowed = {name for name, v in VARIANTS.items() if v.uses(WINDOWED_ATTENTION)}
-    assert windowed == {"litevar", "windows", "litevar-float", "fastest", "fastest-int8"}
+    assert windowed == {"litevar", "litevar-eager", "windows", "litevar-float", "fastest", "fastest-int8"}
 
 
 def test_the_registry_describes_itself_as_plain_data() -> None:
@@ -126,7 +128,7 @@ def test_windowed_attention_refuses_without_a_plan_and_uses_a_given_one(demo_sha
 def test_every_variant_takes_the_plans_of_its_attention_passes() -> None:
     takes = {name: v.plans() for name, v in VARIANTS.items()}
     windows, sharing = PlanKind.WINDOWS, PlanKind.SHARING
-    both = {"litevar", "litevar-float", "fastest", "fastest-int8"}
+    both = {"litevar", "litevar-eager", "litevar-float", "fastest", "fastest-int8"}
     assert {name for name, kinds in takes.items() if kinds == {windows, sharing}} == both
     assert takes["windows"] == {windows} and takes["cfg-share"] == {sharing}
     assert all(not kinds for name, kinds in takes.items() if name not in {*both, "windows", "cfg-share"})
@@ -137,9 +139,13 @@ def test_a_pass_said_to_take_a_plan_must_have_a_plan_argument() -> None:
         PassSpec("guidance_off_last", guidance_off_last, GuidanceOff, "summary", PlanKind.WINDOWS)
 
 
-def test_the_variants_that_compile_are_known_per_device() -> None:
-    """compiled_step and autotuned_step compile everywhere; windowed attention on CUDA (FlexAttention)."""
-    on_cpu = {name for name, v in VARIANTS.items() if v.compiled("cpu")}
-    on_cuda = {name for name, v in VARIANTS.items() if v.compiled("cuda")}
-    assert on_cpu == {"compiled", "autotuned", "fastest"}
-    assert on_cuda == on_cpu | {"litevar", "litevar-float", "windows", "fastest-int8"}
+@pytest.mark.parametrize("level", ["avx2", "avx512_bf16"])
+def test_the_variants_that_compile_are_known_per_device(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compiled_step and autotuned_step compile everywhere; litevar's step where the hardware table says that is
+    faster (not on AVX2, where its int8 kernel is fbgemm's); windowed attention on CUDA (FlexAttention)."""
+    monkeypatch.setenv("VAR_CPU_ISA", level)
+    on_cpu = {name for name, v in VARIANTS.items() if v.compiled(torch.device("cpu"))}
+    on_cuda = {name for name, v in VARIANTS.items() if v.compiled(torch.device("cuda"))}
+    always = {"compiled", "autotuned", "fastest"}
+    assert on_cpu == (always if level == "avx2" else always | {"litevar"})
+    assert on_cuda == always | {"litevar", "litevar-eager", "litevar-float", "windows", "fastest-int8"}

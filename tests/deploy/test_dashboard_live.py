@@ -48,8 +48,8 @@ pytestmark = pytest.mark.slow
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 BUDGET_S = 60.0
-VARIANTS = ("baseline", "litevar")
-VALUES = {"baseline": "baseline", "compressed": "litevar", "__rate_interval": "1m"}
+VARIANTS = ("baseline", "litevar-eager")
+VALUES = {"baseline": "baseline", "compressed": "litevar-eager", "__rate_interval": "1m"}
 SCRAPE_S = 1
 QUEUE_CAPACITY = 4  # images; a burst of 4-image requests overflows it
 SERVER_ENV = {
@@ -65,9 +65,9 @@ SERVER_ENV = {
     "VAR_TORCH_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "VAR_LOG_LEVEL": "warning",
-    "VAR_FIDELITY_RATE": "1",  # every litevar request sampled: the quality row's live panels get samples
+    "VAR_FIDELITY_RATE": "1",  # every litevar-eager request sampled: the quality row's live panels get samples
 }
-FIDELITY_VARIANTS = {"litevar"}  # shadow fidelity scores the variants other than its reference (baseline)
+FIDELITY_VARIANTS = {"litevar-eager"}  # shadow fidelity scores the variants other than its reference (baseline)
 
 
 class Prometheus:
@@ -208,8 +208,8 @@ def test_every_dashboard_query_answers_on_a_live_prometheus(tmp_path: Path) -> N
             15,
         )
         budget.wait_for(
-            "a litevar request scored by shadow fidelity",
-            lambda: prom.scalar('sum(var_fidelity_samples_total{variant="litevar"})') > 0,
+            "a litevar-eager request scored by shadow fidelity",
+            lambda: prom.scalar('sum(var_fidelity_samples_total{variant="litevar-eager"})') > 0,
             15,
         )
         time.sleep(SCRAPE_S)  # one more scrape with nothing new

@@ -17,10 +17,10 @@ from tests.serve.conftest import serve_settings, serving
 
 
 def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
-    with serving(serve_settings(DEMO, variants=["baseline", "litevar", "fastest-int8"])) as c:
+    with serving(serve_settings(DEMO, variants=["baseline", "litevar-eager", "fastest-int8"])) as c:
         m = c.get("/models").json()
         by_name = {v["name"]: v for v in m["variants"]}
-        assert [p["name"] for p in by_name["litevar"]["passes"]] == [
+        assert [p["name"] for p in by_name["litevar-eager"]["passes"]] == [
             "device_default_precision",
             "windowed_attention",
             "cfg_attention_sharing",
@@ -36,19 +36,19 @@ def test_litevar_is_served_beside_the_baseline_with_its_stored_bytes() -> None:
         }
         base = by_name["baseline"]["weight_bytes"] + m["shared_weight_bytes"] * by_name["baseline"]["shares_vqvae"]
         # 42% on the demo model: fbgemm pads its 256-wide int8 weights to 512 input features (docs/benchmarks.md)
-        assert by_name["litevar"]["weight_bytes"] < 0.45 * base and not by_name["litevar"]["shares_vqvae"]
-        for variant in ("baseline", "litevar", "fastest-int8"):
+        assert by_name["litevar-eager"]["weight_bytes"] < 0.45 * base and not by_name["litevar-eager"]["shares_vqvae"]
+        for variant in ("baseline", "litevar-eager", "fastest-int8"):
             r = c.post("/generate", json={"class_name": "Sneaker", "seed": 5, "variant": variant})
             assert r.status_code == 200 and r.json()["variant"] == variant
 
 
 def test_a_litevar_image_is_bitwise_the_same_batched_or_alone() -> None:
     """int8 activations are quantized per token and the windows are fixed: nothing depends on the batch."""
-    bodies = [{"class_label": c, "seed": 40 + c, "variant": "litevar"} for c in (2, 7, 9)]
-    settings = serve_settings(DEMO, variants=["litevar"], max_batch_size=3, max_wait_ms=60_000)
+    bodies = [{"class_label": c, "seed": 40 + c, "variant": "litevar-eager"} for c in (2, 7, 9)]
+    settings = serve_settings(DEMO, variants=["litevar-eager"], max_batch_size=3, max_wait_ms=60_000)
     with serving(settings) as c, ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(lambda b: c.post("/generate", json=b).json(), bodies))
-    alone_pipe = load_variant("litevar")
+    alone_pipe = load_variant("litevar-eager")
     for body, answer in zip(bodies, answers, strict=True):
         assert answer["batch_sizes"] == [3]
         alone = alone_pipe.generate([body["class_label"]], seeds=[body["seed"]])

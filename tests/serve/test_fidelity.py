@@ -215,21 +215,22 @@ def test_metrics_tell_a_damaged_variant_from_litevar(monkeypatch: pytest.MonkeyP
     the floor; agreement in the opposite order."""
     monkeypatch.setitem(VARIANTS, "perturbed", PERTURBED)
     n = 6
-    settings = serve_settings(DEMO, variants=["baseline", "litevar", "perturbed"], fidelity_rate=1.0)
+    settings = serve_settings(DEMO, variants=["baseline", "litevar-eager", "perturbed"], fidelity_rate=1.0)
     with serving(settings) as client:
-        for variant in ("litevar", "perturbed"):
+        for variant in ("litevar-eager", "perturbed"):
             for i in range(n):  # one at a time, each scored before the next: nothing is dropped
                 body = {"class_label": i, "seed": 100 + i, "variant": variant}
                 assert client.post("/generate", json=body).status_code == 200
                 fams = scrape_until(client, "var_fidelity_samples_total", variant, i + 1)
     mean_kl = {
-        v: sample_value(fams, "var_fidelity_kl", "var_fidelity_kl_sum", variant=v) / n for v in ("litevar", "perturbed")
+        v: sample_value(fams, "var_fidelity_kl", "var_fidelity_kl_sum", variant=v) / n
+        for v in ("litevar-eager", "perturbed")
     }
     agreement = {
         v: sample_value(fams, "var_fidelity_top1_agreement", "var_fidelity_top1_agreement_sum", variant=v) / n
-        for v in ("litevar", "perturbed")
+        for v in ("litevar-eager", "perturbed")
     }
-    assert mean_kl["litevar"] > 0 and mean_kl["perturbed"] >= 10 * mean_kl["litevar"]
-    assert agreement["perturbed"] < agreement["litevar"] < 1
+    assert mean_kl["litevar-eager"] > 0 and mean_kl["perturbed"] >= 10 * mean_kl["litevar-eager"]
+    assert agreement["perturbed"] < agreement["litevar-eager"] < 1
     dropped = fams["var_fidelity_dropped"].samples
     assert all(s.value == 0 for s in dropped), dropped

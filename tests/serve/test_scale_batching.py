@@ -146,10 +146,12 @@ def test_step_metrics_count_admissions_and_rows_by_scale(demo_pipeline: VARPipel
 def test_through_the_api_requests_arriving_during_generations_join_them_bitwise_as_alone() -> None:
     """Requests sent 15 ms apart to the real demo model under `scale`: they join generations in flight (fewer
     steps than one generation each), and each image equals its request computed alone."""
-    bodies = [{"class_label": c, "seed": 70 + c, "variant": v} for c, v in ((1, "litevar"), (2, "baseline"))]
-    bodies += [{"class_label": c, "seed": 70 + c, "variant": v} for c, v in ((3, "litevar"), (4, "litevar"))]
+    bodies = [{"class_label": c, "seed": 70 + c, "variant": v} for c, v in ((1, "litevar-eager"), (2, "baseline"))]
+    bodies += [
+        {"class_label": c, "seed": 70 + c, "variant": v} for c, v in ((3, "litevar-eager"), (4, "litevar-eager"))
+    ]
     bodies += [{"class_label": 5, "seed": 75, "variant": "baseline", "num_images": 2}]
-    settings = serve_settings(DEMO, variants=["baseline", "litevar"], batching="scale", max_wait_ms=0)
+    settings = serve_settings(DEMO, variants=["baseline", "litevar-eager"], batching="scale", max_wait_ms=0)
 
     def post(i_body: tuple[int, dict[str, Any]]) -> dict[str, Any]:
         time.sleep(0.015 * i_body[0])
@@ -160,7 +162,7 @@ def test_through_the_api_requests_arriving_during_generations_join_them_bitwise_
     with serving(settings) as c, ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(post, enumerate(bodies)))
         text = c.get("/metrics").text
-    pipes = {v: load_variant(v) for v in ("baseline", "litevar")}
+    pipes = {v: load_variant(v) for v in ("baseline", "litevar-eager")}
     for body, answer in zip(bodies, answers, strict=True):
         pipe = pipes[str(body["variant"])]
         n = int(body.get("num_images", 1))

@@ -94,37 +94,37 @@ def test_the_baseline_serves_while_litevar_calibrates_then_litevar_serves_with_i
     monkeypatch.setattr(progress_module, "HEARTBEAT_S", 0.05)
     caplog.set_level(logging.INFO, logger="app.serve.startup")
     scales = len(DEMO.var.patch_nums)  # the cheap calibration runs one batch: a step per scale
-    settings = serve_settings(demo_without_plans, variants=["baseline", "litevar"], calibrate_missing_plans=True)
+    settings = serve_settings(demo_without_plans, variants=["baseline", "litevar-eager"], calibrate_missing_plans=True)
     with TestClient(create_app(settings)) as c:
         assert held_calibration.reached.wait(60)
         ready = c.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["variants"]["litevar"]["state"] == "calibrating"
+        assert ready.status_code == 200 and ready.json()["variants"]["litevar-eager"]["state"] == "calibrating"
         assert c.post("/generate", json=BODY).status_code == 200
-        refused = c.post("/generate", json=BODY | {"variant": "litevar"})
+        refused = c.post("/generate", json=BODY | {"variant": "litevar-eager"})
         assert refused.status_code == 503 and 5 <= int(refused.headers["retry-after"]) <= 60
-        waits_for = f"variant litevar is calibrating its window and sharing plans (step 3/{scales}, "
+        waits_for = f"variant litevar-eager is calibrating its window and sharing plans (step 3/{scales}, "
         assert refused.json()["detail"].startswith(waits_for)
-        litevar = variant_entry(c, "litevar")
+        litevar = variant_entry(c, "litevar-eager")
         assert litevar["state"] == "calibrating" and litevar["doing"] == "calibrating its window and sharing plans"
         assert litevar["progress"]["step"] == 3 and litevar["progress"]["steps"] == scales
         assert 0 < litevar["progress"]["fraction"] < 1 and litevar["progress"]["left_s"] > 0
         assert litevar["weight_bytes"] is None and litevar["window_plan"] is None
-        assert by_label(scrape(c), "var_variant_ready", "variant") == {"baseline": 1.0, "litevar": 0.0}
-        heartbeat = f"litevar: calibrating its window and sharing plans: step 3/{scales}, "
+        assert by_label(scrape(c), "var_variant_ready", "variant") == {"baseline": 1.0, "litevar-eager": 0.0}
+        heartbeat = f"litevar-eager: calibrating its window and sharing plans: step 3/{scales}, "
         wait_for("a progress line in the log", lambda: any(heartbeat in r.getMessage() for r in caplog.records))
         assert not (demo_without_plans / PLAN_FILE).exists()
         held_calibration.release.set()
         wait_ready(c)
-        answer = c.post("/generate", json=BODY | {"variant": "litevar"})
-        assert answer.status_code == 200 and answer.json()["variant"] == "litevar"
-        litevar = variant_entry(c, "litevar")
+        answer = c.post("/generate", json=BODY | {"variant": "litevar-eager"})
+        assert answer.status_code == 200 and answer.json()["variant"] == "litevar-eager"
+        litevar = variant_entry(c, "litevar-eager")
         assert (litevar["state"], litevar["progress"]) == ("ready", None)
         assert litevar["window_plan"] == litevar["sharing_plan"] == "calibrated at load"
-        assert by_label(scrape(c), "var_variant_ready", "variant") == {"baseline": 1.0, "litevar": 1.0}
+        assert by_label(scrape(c), "var_variant_ready", "variant") == {"baseline": 1.0, "litevar-eager": 1.0}
     sums = (demo_without_plans / SUMS_FILE).read_text()
     assert PLAN_FILE in sums and SHARING_PLAN_FILE in sums and sums_mismatches(demo_without_plans) == []
-    again = load_model(demo_without_plans, ["litevar"], CPU)  # the next start reads them, calibrates nothing
-    assert (again.variants["litevar"].window_plan, again.variants["litevar"].sharing_plan) == (PlanOrigin.FILE,) * 2
+    again = load_model(demo_without_plans, ["litevar-eager"], CPU).variants["litevar-eager"]
+    assert (again.window_plan, again.sharing_plan) == (PlanOrigin.FILE,) * 2  # the next start calibrates nothing
 
 
 def test_plans_that_cannot_be_saved_still_serve_and_the_log_says_the_next_start_calibrates_again(
@@ -213,11 +213,11 @@ def test_eager_variants_are_warmed_once_at_batch_1_not_at_every_batch_size(monke
         return real(pipe, labels, *args)
 
     monkeypatch.setattr(warmup_module, "compute", counted)
-    settings = serve_settings(DEMO_FOLDER, variants=["baseline", "litevar"], warmup=True, max_batch_size=8)
+    settings = serve_settings(DEMO_FOLDER, variants=["baseline", "litevar-eager"], warmup=True, max_batch_size=8)
     with serving(settings) as c:
         by_pipe = {id(v.pipeline): name for name, v in c.app.state.service.model.variants.items()}
-        assert c.post("/generate", json=BODY | {"variant": "litevar"}).status_code == 200
-    assert [(by_pipe[id(pipe)], size) for pipe, size in calls] == [("baseline", 1), ("litevar", 1)]
+        assert c.post("/generate", json=BODY | {"variant": "litevar-eager"}).status_code == 200
+    assert [(by_pipe[id(pipe)], size) for pipe, size in calls] == [("baseline", 1), ("litevar-eager", 1)]
 
 
 @pytest.mark.parametrize("saved_before", [False, True], ids=["no file yet", "file there"])
@@ -270,7 +270,7 @@ def test_the_compile_cache_file_is_loaded_before_the_first_compiled_warm_up_and_
 
 def test_compiled_variants_warm_the_batch_sizes_that_get_graphs_of_their_own() -> None:
     """Which sizes those are is checked against Dynamo in tests/compress/test_compiled.py."""
-    steps, eager, compiled = scale_steps(DEMO.var.patch_nums), VARIANTS["litevar"], VARIANTS["fastest"]
+    steps, eager, compiled = scale_steps(DEMO.var.patch_nums), VARIANTS["litevar-eager"], VARIANTS["fastest"]
     assert warmup_batch_sizes(eager, CPU, 8, steps) == [1]
     # batch 1, the symbolic batch from 2, and 8, where the first scale's rows (two per image) reach 16
     assert warmup_batch_sizes(compiled, CPU, 8, steps) == [1, 2, 8]
@@ -284,7 +284,7 @@ def test_a_drain_while_calibrating_stops_the_calibration_at_its_next_step(
     demo_without_plans: Path, held_calibration: HeldCalibration
 ) -> None:
     service = Service(
-        serve_settings(demo_without_plans, variants=["baseline", "litevar"], calibrate_missing_plans=True)
+        serve_settings(demo_without_plans, variants=["baseline", "litevar-eager"], calibrate_missing_plans=True)
     )
 
     async def scenario() -> None:
@@ -298,6 +298,6 @@ def test_a_drain_while_calibrating_stops_the_calibration_at_its_next_step(
     asyncio.run(asyncio.wait_for(scenario(), 60))
     progress = held_calibration.progress
     assert progress is not None and progress.done == 2 and progress.ended is None  # no step after the hold
-    litevar = service.variants["litevar"]
+    litevar = service.variants["litevar-eager"]
     assert litevar.state is VariantState.FAILED and litevar.error == "not started: the service is shutting down"
     assert not (demo_without_plans / PLAN_FILE).exists()

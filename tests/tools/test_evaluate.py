@@ -131,12 +131,19 @@ def test_any_feature_network_and_reference_file_can_be_given(tmp_path: Path) -> 
 @pytest.mark.data
 def test_compressed_variants_are_judged_on_the_same_prompts_and_plotted(tmp_path: Path) -> None:
     out, png = tmp_path / "eval.json", tmp_path / "quality.png"
-    argv = ["--model", str(ROOT / "model_store" / "demo"), "--variants", "baseline,litevar", "--images-per-class", "2"]
+    argv = [
+        "--model",
+        str(ROOT / "model_store" / "demo"),
+        "--variants",
+        "baseline,litevar-eager",
+        "--images-per-class",
+        "2",
+    ]
     argv += ["--features", str(ROOT / "model_store" / "demo_classifier")]
     argv += ["--greedy-per-class", "1", "--json", str(out), "--out-dir", str(tmp_path), "--plot", str(png)]
     assert evaluate.main(argv) == 0
     records = json.loads(out.read_text())
-    assert [(r["variant"], r["images"]) for r in records] == [("baseline", 20), ("litevar", 20), ("baseline", 20)]
+    assert [(r["variant"], r["images"]) for r in records] == [("baseline", 20), ("litevar-eager", 20), ("baseline", 20)]
     agreement = records[1]["greedy_agreement"]
     assert agreement[0] == 1.0  # the first scale's token is the class's, even in int8
     assert min(agreement) < 1.0  # and litevar is not the baseline: some greedy token changes
