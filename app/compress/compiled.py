@@ -1,9 +1,13 @@
-"""`compiled_step` and `autotuned_step`: the per-scale step and the VQVAE decoder under torch.compile.
+"""`compiled_step`, `compiled_where_faster` and `autotuned_step`: the per-scale step and the VQVAE decoder under
+torch.compile.
 
 What it buys: Inductor fuses the element-wise work between the GEMMs (LayerNorm and AdaLN modulation,
 GELU, residual adds, the L2-normalised q/k; GroupNorm and SiLU in the decoder) into a few generated
 kernels and removes most per-operator dispatch, which dominates a small model at batch 1. GEMMs,
-convolutions and attention stay the same library kernels, so tokens match the eager pipeline (tested).
+convolutions and attention stay the same library kernels, so tokens match the eager pipeline (tested). With
+int8 layers the quantization of their inputs fuses too, and a fused kernel's rounding can move an activation
+across an int8 rounding step: tokens then match as far as tested and measured (docs/benchmarks.md, "litevar
+compiled").
 
 Cost: each scale is its own graph (its sequence length and cache slice differ). The first batch size
 compiles one graph per scale; the second one more per scale with the batch dimension symbolic, which then
@@ -21,7 +25,9 @@ own graphs, and the module guards are skipped. So a pass must never change a mod
 (it runs last in every variant); a second compiled pipeline cannot pick up this one's graphs (tested).
 
 fbgemm's packed int8 weights are opaque to the compiler: every int8 linear splits the graph (slower than
-eager on the demo model, same section), so the pass refuses a pipeline that holds them.
+eager on the demo model, same section), so the pass refuses a pipeline that holds them. `compiled_where_faster`
+(litevar's) compiles only where the hardware table says a step with int8 layers runs faster compiled, which is
+where they run on torch._int_mm, and leaves the pipeline eager elsewhere.
 
 `autotuned_step` goes further for float32 on the CPU: the step's weights are frozen into its graphs as
 constants and Inductor times, per GEMM shape, MKL against oneDNN's pre-packed linear and its own generated
