@@ -10,8 +10,9 @@
 4. The benchmark: `python -m app.bench` on random weights of `--preset` (d16) at `--batch-size` (8) for
    `--variants` (baseline, which runs bfloat16 autocast on a GPU, litevar and fastest).
 5. The batching policies: `python -m app.bench policies` at the same shape, `whole` against `scale` under
-   Poisson loads of 50% and 90% (`--policy-requests` requests each), `baseline` and `litevar`: on a GPU a
-   step is launch-bound, where joining a running generation may be nearly free (on CPU it is not).
+   Poisson loads of 50% and 90% (`--policy-requests` requests each), `--policy-variants` (`baseline` and
+   `litevar`): on a GPU a step is launch-bound, where joining a running generation may be nearly free (on CPU
+   it is not).
 
 Writes one JSON and exits 1 when a check fails. `--device cpu --preset tiny` runs the same steps on the CPU,
 which is how `make test` keeps this script working on machines without a GPU.
@@ -80,7 +81,7 @@ def benchmark(a: argparse.Namespace) -> list[dict[str, Any]]:
 def batching_policies(a: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="var-gpu-check-") as tmp:
         out = Path(tmp) / "policies.json"
-        argv = ["--preset", a.preset, "--variants", "baseline,litevar", "--device", a.device]
+        argv = ["--preset", a.preset, "--variants", a.policy_variants, "--device", a.device]
         argv += ["--max-batch-size", str(a.batch_size), "--requests", str(a.policy_requests)]
         argv += ["--capacity-requests", str(a.policy_requests), "--policies", "whole,scale", "--json", str(out)]
         if policies.main(argv) != 0:
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--policy-requests", type=int, default=200, help="per load of the batching policies")
+    ap.add_argument("--policy-variants", default="baseline,litevar", help="the variants the batching policies serve")
     ap.add_argument("--json", type=Path, default=Path("runs/gpu-check.json"))
     return ap.parse_args(argv)
 

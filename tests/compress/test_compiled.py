@@ -93,9 +93,10 @@ def test_litevar_compiles_where_the_table_says_with_the_tokens_of_eager_litevar(
     small: VARPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where the hardware table says compiled is faster (AVX-512 BF16: int8 on torch._int_mm, fc2 in native
-    bfloat16, forced here) `litevar` is `litevar-eager` with its step compiled. Tolerance: every token equal
-    (the GEMMs are the same kernels and the int32 sums exact), images within 1e-5, an image independent of its
-    batch. On AVX2 (fbgemm's int8 layers) it stays eager."""
+    bfloat16, forced here) `litevar` is `litevar-eager` with its step compiled. Tolerance on this model: every
+    token equal (the GEMMs are the same kernels and the int32 sums exact), images within 1e-5, an image
+    independent of its batch; on the demo model a fused kernel's rounding changes a token now and then (the
+    distance measured: docs/benchmarks.md, "litevar compiled"). On AVX2 (fbgemm's int8 layers) it stays eager."""
     cfg = small.config.var
     shares_last = torch.ones(cfg.depth, len(cfg.patch_nums), dtype=torch.float64)
     shares_last[:, -1] = 0.0
@@ -126,9 +127,8 @@ def test_litevar_stays_eager_on_a_machine_that_cannot_build_compiled_code(
     with monkeypatch.context() as m:
         m.setattr(compiled_module.sysconfig, "get_paths", lambda: {"include": "/nonexistent"})
         assert compiled_module.cpu_compiler_missing() == "Python's headers (Python.h)"
-        assert not VARIANTS["litevar"].compiled(torch.device("cpu")) and VARIANTS["fastest"].compiled(
-            torch.device("cpu")
-        )
+        cpu = torch.device("cpu")
+        assert not VARIANTS["litevar"].compiled(cpu) and VARIANTS["fastest"].compiled(cpu)
         pipe = compiled_where_faster(quantize_linears(copy.deepcopy(small)))
     assert pipe.step_fn == pipe.var.step
     assert "the step stays eager" in caplog.text and "Python.h" in caplog.text

@@ -15,6 +15,8 @@ from tests.conftest import SHARED_ALN, TINY
 
 CPU_TWIN = ["gpu-check", "--device", "cpu", "--preset", "tiny", "--variants", "baseline", "--batch-size", "2"]
 CPU_TWIN += ["--policy-requests", "6"]  # the batching policies' loads: a few requests suffice on the CPU
+# litevar compiles where int8 runs on torch._int_mm: minutes of compiling in a test; its eager twin serves alike
+CPU_TWIN += ["--policy-variants", "baseline,litevar-eager"]
 
 
 @pytest.mark.slow
