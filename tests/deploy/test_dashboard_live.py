@@ -18,6 +18,7 @@ skips. Both processes are always stopped; every wait shares one budget of BUDGET
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import subprocess
 import time
@@ -68,6 +69,9 @@ SERVER_ENV = {
     "VAR_FIDELITY_RATE": "1",  # every litevar-eager request sampled: the quality row's live panels get samples
 }
 FIDELITY_VARIANTS = {"litevar-eager"}  # shadow fidelity scores the variants other than its reference (baseline)
+# the offline quality: the served variants that the demo model's evaluation.json has figures for, and its noise floor
+EVALUATED = {r["variant"] for r in json.loads((ROOT / "model_store" / "demo" / "evaluation.json").read_text())}
+EVALUATED_VARIANTS = (EVALUATED & set(VARIANTS)) | {"noise-floor"}
 
 
 class Prometheus:
@@ -176,8 +180,10 @@ def check(q: Query, result: list[dict[str, Any]]) -> None:
         value = float(sample["value"][1])
         assert math.isfinite(value), f"{q.name}: {sample['metric']} is {value}: {q.expr}"
     found = {s["metric"].get("variant") for s in result} - {None}
-    scored = any(name.startswith("var_fidelity_") for name in metric_names(q.expr))
-    expected = FIDELITY_VARIANTS if scored else set(VARIANTS)
+    names = metric_names(q.expr)
+    scored = any(name.startswith("var_fidelity_") for name in names)
+    offline = any(name.startswith("var_variant_quality") for name in names)
+    expected = FIDELITY_VARIANTS if scored else EVALUATED_VARIANTS if offline else set(VARIANTS)
     if found or "{{variant}}" in q.legend:
         assert expected <= found, f"{q.name}: series for {sorted(found)}, not for {sorted(expected)}: {q.expr}"
     if {"baseline", "compressed"} <= referenced_variables(q.expr):
