@@ -175,10 +175,13 @@ def compiled_where_faster(pipe: VARPipeline) -> VARPipeline:
     """`compiled_step` where the hardware table says a step with int8 layers runs faster compiled
     (`compiled_faster`: torch._int_mm's CPUs and CUDA); elsewhere (fbgemm's CPUs) the pipeline as it is, eager.
     Eager too, with a warning, on a CPU that lacks what compiling needs: slower, but serving."""
-    if compiled_faster(pipe.device) and not compiles_where_faster(pipe.device):
-        log.warning("the step stays eager: compiling it would be faster here, but this machine lacks %s",
-                    cpu_compiler_missing())  # fmt: skip
-    return compiled_step(pipe) if compiles_where_faster(pipe.device) else pipe
+    if not compiled_faster(pipe.device):
+        return pipe
+    missing = cpu_compiler_missing() if pipe.device.type == "cpu" else None
+    if missing:
+        log.warning("the step stays eager: compiling it would be faster here, but this machine lacks %s", missing)
+        return pipe
+    return compiled_step(pipe)
 
 
 def autotuned_step(pipe: VARPipeline) -> VARPipeline:
