@@ -10,6 +10,7 @@ checkpoint's weights: `apply_variant` takes them (`Plans`) from the caller, who 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,15 +19,34 @@ from app.compress.attention_passes import CfgSharing, WindowedAttention, cfg_att
 from app.compress.compiled import autotuned_step, compiled_step, compiled_where_faster, compiles_where_faster
 from app.compress.decoder import bf16_vqvae
 from app.compress.guidance import GuidanceOff, guidance_off_last
+from app.compress.hardware import bf16_native
 from app.compress.int8_decoder import Int8Decoder, int8_vqvae
 from app.compress.plans import NO_PLANS, Plans
 from app.compress.quantize import MixedPrecision, quantize_linears
-from app.compress.registry import DeviceTest, PassFn, PassSpec, PlanKind, Step, VariantSpec, nowhere
+from app.compress.registry import (
+    DeviceTest,
+    PassFn,
+    PassSpec,
+    PlanKind,
+    Step,
+    VariantSpec,
+    cuda_only,
+    every_device,
+    nowhere,
+)
 from app.model.pipeline import VARPipeline
+
+log = logging.getLogger(__name__)
 
 
 def autocast_bf16(pipe: VARPipeline) -> VARPipeline:
-    """Transformer matmuls and the VQVAE decoder in bfloat16 autocast; logits and sampling stay float32."""
+    """Transformer matmuls and the VQVAE decoder in bfloat16 autocast; logits and sampling stay float32.
+
+    Where bfloat16 is not native (the hardware table's AVX2 and AVX-512 levels) it still does what it says, as
+    the precision yardstick it is, with a warning: there oneDNN emulates bfloat16 and the d16 shape ran 4x
+    slower than float32 (docs/benchmarks.md, "d16 variants held to AVX2")."""
+    if not bf16_native(pipe.device):
+        log.warning("bfloat16 is not native on this %s: autocast emulates it, several times slower", pipe.device)
     pipe.autocast_dtype = torch.bfloat16
     pipe.decode_dtype = torch.bfloat16
     return pipe
@@ -46,14 +66,6 @@ def _spec(
     compiles_on: DeviceTest = nowhere,
 ) -> PassSpec:
     return PassSpec(function.__name__, function, options_type, summary, plan, compiles_on)
-
-
-def every_device(device: torch.device) -> bool:
-    return True
-
-
-def cuda_only(device: torch.device) -> bool:
-    return device.type == "cuda"
 
 
 DEVICE_DEFAULT_PRECISION = _spec(

@@ -228,7 +228,7 @@ class PlannedAttention(DenseAttention):
             return self._attend(q[:B], k[:B], v[:B], route, scale, step.si).repeat(2, 1, 1, 1)
         pairs = B * q.shape[1] * q.shape[2] * k.shape[2]  # the conditional rows' scores, weighting both halves
         self._count(step.si, "masked" if route.bias is not None else "dense", pairs, 2 * pairs)
-        return _shared(q, k, v, route, scale)
+        return explicit_attention(q, k, v, route.bias, scale, shared=True)
 
     def _attend(self, q, k, v, route: Route, scale: float, si: int) -> torch.Tensor:
         if route.blocks is not None:
@@ -243,7 +243,7 @@ class PlannedAttention(DenseAttention):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
         self._count(si, "masked", pairs, pairs)
-        return _masked(q, k, v, route, scale)
+        return explicit_attention(q, k, v, route.bias, scale, shared=False)
 
     # ---- accounting ----------------------------------------------------------------------------------
     def flops(self, step: ScaleStep, rows: int, heads: int, head_dim: int) -> int:
@@ -308,42 +308,72 @@ def _gather_source(t: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, t
     return flat, (keys.flatten(1) + offsets[..., None])
 
 
-def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, *, shared: bool
+) -> torch.Tensor:
+    """The explicit routes, probabilities formed in full: masked (`_masked`) or shared (`_shared`).
+
+    Under torch.compile they run as one opaque operator (`var::explicit_attention`) whose body is the eager
+    code, row by row: traced, the row loop would be replaced by one call over all rows, whose score tensors
+    (89 MB at d16's last scale, batch 8) leave the cache between the matmuls and the softmax. That took 1.5-2x
+    the eager time at d16's two largest scales (docs/benchmarks.md, "Explicit attention opaque to the
+    compiler"). The arithmetic is the eager code's, so compiled and eager agree here bit for bit."""
+    run = _explicit_attention_op if torch.compiler.is_compiling() else _explicit
+    return run(q, k, v, bias, scale, shared)
+
+
+def _explicit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, shared: bool
+) -> torch.Tensor:
+    return _shared(q, k, v, bias, scale) if shared else _masked(q, k, v, bias, scale)
+
+
+_explicit_attention_op = torch.library.custom_op("var::explicit_attention", _explicit, mutates_args=())
+
+
+@_explicit_attention_op.register_fake
+def _explicit_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, shared: bool
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """The masked route: explicit, measured faster on CPU than SDPA with a mask (which drops to a slower
-    kernel). Eager, score tensors over `TILE_CHUNK` elements go one row at a time (as the key tiles: cache,
-    page faults; docs/benchmarks.md, "Attention, row by row")."""
+    kernel). Score tensors over `TILE_CHUNK` elements go one row at a time (as the key tiles: cache, page
+    faults; docs/benchmarks.md, "Attention, row by row")."""
     rows, heads, n, _ = q.shape
-    if torch.compiler.is_compiling() or rows == 1 or rows * heads * n * k.shape[2] <= TILE_CHUNK:
-        return _probs(q, k, route, scale) @ v
+    if rows == 1 or rows * heads * n * k.shape[2] <= TILE_CHUNK:
+        return _probs(q, k, bias, scale) @ v
     out = q.new_empty(rows, heads, n, v.shape[-1])
     for r in range(rows):
-        torch.matmul(_probs(q[r], k[r], route, scale), v[r], out=out[r])
+        torch.matmul(_probs(q[r], k[r], bias, scale), v[r], out=out[r])
     return out
 
 
-def _shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
+def _shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Shared probabilities: conditional row r's probabilities weight the values of rows r and B + r. They are
     never expanded to both halves (a broadcast matmul copies them), and, as on the masked route, score tensors
     over `TILE_CHUNK` elements go one conditional row at a time. Faster than a broadcast and than SDPA over the
     conditional queries and keys repeated for both halves (docs/benchmarks.md, "Attention, row by row"): its
     flash kernel needs values as wide as the keys, so the two halves' values cannot ride one call."""
     B, heads, n = q.shape[0] // 2, q.shape[1], q.shape[2]
-    if torch.compiler.is_compiling() or B * heads * n * k.shape[2] <= TILE_CHUNK:
-        p = _probs(q[:B], k[:B], route, scale)
+    if B * heads * n * k.shape[2] <= TILE_CHUNK:
+        p = _probs(q[:B], k[:B], bias, scale)
         return torch.cat((p @ v[:B], p @ v[B:]))
     out = q.new_empty(2 * B, heads, n, v.shape[-1])
     for r in range(B):
-        p = _probs(q[r], k[r], route, scale)
+        p = _probs(q[r], k[r], bias, scale)
         torch.matmul(p, v[r], out=out[r])
         torch.matmul(p, v[B + r], out=out[B + r])
     return out
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, route: Route, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale), -inf outside the route's kept pairs."""
+def _probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale), -inf where `bias` (0 on the kept pairs) says so."""
     scores = (q @ k.transpose(-1, -2)).mul_(scale)
-    if route.bias is not None:
-        scores += route.bias.to(scores.dtype)
+    if bias is not None:
+        scores += bias.to(scores.dtype)
     return scores.softmax(-1)
 
 

@@ -29,6 +29,14 @@ def nowhere(device: torch.device) -> bool:
     return False
 
 
+def every_device(device: torch.device) -> bool:
+    return True
+
+
+def cuda_only(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 class PlanKind(StrEnum):
     """A plan calibrated for a checkpoint's weights that a pass takes as its `plan` argument."""
 

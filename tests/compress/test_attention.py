@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import EagerAndRecordGraphs
 
+from app.compress import attention
 from app.compress.attention import ROUTES, PlannedAttention, route_for
 from app.compress.attention_passes import attention_flops, cfg_attention_sharing, windowed_attention
 from app.compress.calibrate import AttentionMass, calibrate
@@ -240,6 +242,34 @@ def test_sharing_gives_the_unconditional_rows_the_conditional_probabilities() ->
     unguided = kernel(q, k, v, scale=0.7, attn_bias=None, step=ScaleStep(4, 30, 55, False, guided=False))
     torch.testing.assert_close(unguided.double(), reference(q, k, v, all_keys, 0.7), **TOL)
     assert (kernel.ran[4].scores, kernel.ran[4].weighted) == (4 * row_pairs, 4 * row_pairs)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("guided", [True, False], ids=["shared", "masked"])
+def test_compiled_the_explicit_routes_run_the_eager_code_row_by_row(guided: bool, monkeypatch) -> None:
+    """Traced, the row loop would become one call over all rows (slower at d16); the graph holds the routes as
+    one opaque operator instead, so compiled and eager agree bit for bit."""
+    monkeypatch.setattr(attention, "TILE_CHUNK", 64)  # every call here is over it: one row at a time
+    step = ScaleStep(4, 30, 55, False, guided=guided)
+    q, k, v = qkv(4, 2, step, seed=2)
+    kept = torch.rand(2, step.num_tokens, step.end, generator=torch.Generator().manual_seed(3)) < 0.5
+    kept[..., 0] = True
+    kernel = PlannedAttention()
+    kernel.routes[4] = route_for(kept, min_skipped=1.0)  # nothing skips everything: the masked route
+    kernel.share_scales = frozenset({4})
+    graphs = EagerAndRecordGraphs()
+
+    def attend(q, k, v):
+        return kernel(q, k, v, scale=0.7, attn_bias=None, step=step)
+
+    torch.compile(attend, backend=graphs, fullgraph=True)(q, k, v)
+    targets = [node.target for graph in graphs.graphs for node in graph.graph.nodes]
+    assert torch.ops.var.explicit_attention.default in targets
+    assert not any("softmax" in str(t) for t in targets)
+    eager = attend(q, k, v)
+    assert torch.equal(torch.compile(attend, fullgraph=True)(q, k, v), eager)
+    probs = ((q[:2] @ k[:2].transpose(-1, -2)) * 0.7).masked_fill(~kept, float("-inf")).softmax(-1)
+    torch.testing.assert_close(eager[:2], probs @ v[:2])
 
 
 def test_sharing_skips_the_unconditional_rows_scores_at_the_shared_scales(demo: VARPipeline) -> None:

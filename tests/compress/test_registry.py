@@ -149,3 +149,17 @@ def test_the_variants_that_compile_are_known_per_device(level: str, monkeypatch:
     always = {"compiled", "autotuned", "fastest"}
     assert on_cpu == (always if level == "avx2" else always | {"litevar"})
     assert on_cuda == always | {"litevar", "litevar-eager", "litevar-float", "windows", "fastest-int8"}
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx512_bf16"])
+def test_bf16_warns_where_bfloat16_is_emulated(
+    level: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`bf16` keeps its precision everywhere; where the hardware table says bfloat16 is not native (4x slower than
+    float32 at d16 held to AVX2) the operator is told so."""
+    monkeypatch.setenv("VAR_CPU_ISA", level)
+    with caplog.at_level("WARNING", logger="app.compress"):
+        pipe = apply_variant("bf16", random_pipeline(DEMO, seed=0))
+    assert pipe.autocast_dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "bfloat16 is not native" in r.getMessage()]
+    assert len(warned) == (1 if level == "avx2" else 0)
