@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 def autocast_bf16(pipe: VARPipeline) -> VARPipeline:
     """Transformer matmuls and the VQVAE decoder in bfloat16 autocast; logits and sampling stay float32.
 
-    Where bfloat16 is not native (the hardware table's AVX2 and AVX-512 levels) it still does what it says, as
+    Where bfloat16 is not native (`BF16_NATIVE`: every CPU level below AVX-512 BF16) it still does what it says, as
     the precision yardstick it is, with a warning: there oneDNN emulates bfloat16 and the d16 shape ran 4x
     slower than float32 (docs/benchmarks.md, "d16 variants held to AVX2")."""
     if not bf16_native(pipe.device):
